@@ -1,0 +1,110 @@
+"""Selected-block attention: ours vs fla's parallel_nsa vs full causal SDPA (flash, cuDNN), one run.
+
+Config (../shared/ANCHORS.md): B=1, HQ=64, H=4 (G=16), K=V=128, S=16 blocks of 64, bf16, S distinct
+random causal block ids per (token, kv head), sorted, unused slots -1; gates on. A second table at
+G=4 (HQ=16, H=4), where fla cannot run. Writes benchmarks/results/<device>/selected.json and .png.
+
+    python benchmarks/bench_selected.py [--T 8192 16384 32768 65536]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import attention_flops, bench_ms, fwd_bwd, plot, print_table, write_results  # noqa: E402
+from nsa_module import selected_attention  # noqa: E402
+from reference.inputs import random_block_indices  # noqa: E402
+
+try:
+    from fla.ops.nsa import parallel_nsa
+except ImportError:  # fla-core is optional: a peer, not a dependency
+    parallel_nsa = None
+
+
+def sdpa_provider(q, k, v, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    G = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2).detach().requires_grad_()
+    kh = k.transpose(1, 2).repeat_interleave(G, 1).detach().requires_grad_()  # K/V expanded to HQ heads
+    vh = v.transpose(1, 2).repeat_interleave(G, 1).detach().requires_grad_()
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run():
+        with sdpa_kernel(be):
+            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+    return run, [qh, kh, vh]
+
+
+def bench_one(T, HQ, H, K, S, BS, providers, dtype=torch.bfloat16, sdpa_max_T=1 << 30):
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(T)
+    q = torch.randn(1, T, HQ, K, device=dev, dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(1, T, H, K, device=dev, dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(1, T, H, K, device=dev, dtype=dtype, generator=g).requires_grad_()
+    gs = torch.rand(1, T, HQ, device=dev, dtype=dtype, generator=g).requires_grad_()
+    idx = random_block_indices(1, T, H, S, BS, device=dev, seed=T)
+    leaves = [q, k, v, gs]
+    fns = {}
+    if "ours" in providers:
+        fns["ours"] = (lambda: selected_attention(q, k, v, idx, S, BS, g_slc=gs), leaves)
+    if "fla" in providers and parallel_nsa is not None and HQ // H >= 16:
+        idx_long = idx.long()
+        fns["fla"] = (lambda: parallel_nsa(q, k, v, g_slc=gs, block_indices=idx_long, block_counts=S, block_size=BS), leaves)
+    for be in ("flash", "cudnn"):
+        if f"sdpa_{be}" in providers and T <= sdpa_max_T:
+            run, sl = sdpa_provider(q, k, v, be)
+            fns[f"sdpa_{be}"] = (run, sl)
+    rows = []
+    for name, (fn, grads) in fns.items():
+        try:
+            ms_f = bench_ms(fn)
+            ms_fb = bench_ms(fwd_bwd(fn, torch.randn_like(fn())), grad_to_none=grads)
+        except Exception as e:  # a peer that cannot run this shape is reported, not fatal
+            print(f"  {name} failed at T={T}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        rows += [dict(T=T, provider=name, G=HQ // H, **{"pass": "fwd"}, ms=ms_f),
+                 dict(T=T, provider=name, G=HQ // H, **{"pass": "fwdbwd"}, ms=ms_fb)]
+        if name == "ours":
+            fl = attention_flops(T, HQ, K, K, keys_per_query=min(S * BS, T / 2))
+            print(f"  T={T} G={HQ // H} ours: fwd {ms_f:.3f} ms ({fl / ms_f / 1e9:.0f} TFLOP/s), "
+                  f"fwd+bwd {ms_fb:.3f} ms ({3.5 * fl / ms_fb / 1e9:.0f} TFLOP/s)", flush=True)
+    del q, k, v, gs, idx, fns
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    ap.add_argument("--providers", nargs="+", default=["ours", "fla", "sdpa_flash", "sdpa_cudnn"])
+    ap.add_argument("--out", default="selected")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_selected needs a CUDA GPU; committed results are in benchmarks/results/")
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}", flush=True)
+    S, BS, K = 16, 64, 128
+    rows = []
+    for HQ, H in ((64, 4), (16, 4)):
+        for T in args.T:
+            rows += bench_one(T, HQ, H, K, S, BS, args.providers)
+    config = dict(B=1, K=K, V=K, S=S, block_size=BS, dtype="bfloat16", ids="S distinct random causal blocks, sorted",
+                  tables={"G=16": "HQ=64, H=4", "G=4": "HQ=16, H=4"}, sdpa="full causal, K/V expanded to HQ heads",
+                  gates="g_slc on (ours and fla)")
+    path = write_results(args.out, device, config, rows)
+    for G in (16, 4):
+        print_table([r for r in rows if r["G"] == G], f"selected attention, G={G} ({device})")
+    plot([r for r in rows if r["G"] == 16], path.replace(".json", ".png"), "selected, G=16")
+    plot([r for r in rows if r["G"] == 4], path.replace(".json", "_g4.png"), "selected, G=4")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

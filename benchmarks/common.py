@@ -1,0 +1,105 @@
+"""What every benchmark shares: one timer for all providers, FLOP formulas, the results file, the
+table and the plot. Results go to benchmarks/results/<device>/<name>.json:
+{"device", "commit", "config", "rows": [{"T", "provider", "pass", "ms"}]}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Callable, Optional
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'."""
+    for key in ("h100", "h200", "a100", "b200", "l40"):
+        if key in name.lower():
+            return key
+    return name.lower().replace(" ", "_")
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "kernels", "nsa_module"], cwd=os.path.dirname(HERE)).returncode
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("NSA_COMMIT", "unknown")
+
+
+def bench_ms(fn: Callable[[], object], grad_to_none: Optional[list] = None, rep: int = 200) -> float:
+    """Median milliseconds of fn over CUDA events, after warm-up (triton's do_bench)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=50, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor], do: torch.Tensor) -> Callable[[], None]:
+    """A closure running forward then backward with a fixed dO."""
+    def run():
+        fn().backward(do)
+    return run
+
+
+def attention_flops(T: int, HQ: int, K: int, V: int, keys_per_query: float, B: int = 1) -> float:
+    """Forward FLOPs of attention where each query sees `keys_per_query` keys on average:
+    2·(K + V) multiply-adds per (query head, key). Backward is 2.5x this (5 products of 2 in fwd)."""
+    return 2.0 * B * T * HQ * keys_per_query * (K + V)
+
+
+def write_results(name: str, device: str, config: dict, rows: list[dict]) -> str:
+    out_dir = os.path.join(HERE, "results", device_slug(device))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"device": device, "commit": commit(), "config": config, "rows": rows}, f, indent=1)
+    return path
+
+
+def print_table(rows: list[dict], title: str = "") -> str:
+    """Markdown table: one line per T, one column per (provider, pass)."""
+    cols = []
+    for r in rows:
+        c = (r["provider"], r["pass"])
+        if c not in cols:
+            cols.append(c)
+    Ts = sorted({r["T"] for r in rows})
+    cell = {(r["T"], r["provider"], r["pass"]): r["ms"] for r in rows}
+    lines = [f"### {title}"] if title else []
+    lines.append("| T | " + " | ".join(f"{p} {s}" for p, s in cols) + " |")
+    lines.append("|---" * (len(cols) + 1) + "|")
+    for T in Ts:
+        vals = [cell.get((T, p, s)) for p, s in cols]
+        lines.append(f"| {T} | " + " | ".join("-" if v is None else f"{v:.3f} ms" for v in vals) + " |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """ms against T on log-log axes, one line per (provider, pass)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len({r["pass"] for r in rows}), figsize=(12, 4.5), squeeze=False)
+    for ax, p in zip(axes[0], sorted({r["pass"] for r in rows})):
+        for prov in dict.fromkeys(r["provider"] for r in rows if r["pass"] == p):
+            pts = sorted((r["T"], r["ms"]) for r in rows if r["pass"] == p and r["provider"] == prov)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=prov,
+                    linewidth=2.5 if prov.startswith("ours") else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (tokens)")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{title}: {p}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,61 @@
+"""Pieces every NSA kernel family shares: dtypes, pass configs and the exp2 online softmax."""
+
+import os
+
+import tilelang
+import tilelang.language as T
+
+LOG2E = 1.4426950408889634
+
+# Compile for Hopper without a GPU (CI, this repo's `compile` tests): TileLang reads this.
+SM90_TARGET = '{"kind": "cuda", "arch": "sm_90"}'
+
+# Warp specialization stays off: with TileLang 0.1.15's automatic producer/consumer split our
+# data-dependent pipelined loops gave run-to-run different results (a race, seen on the H100 in the
+# forward at BS = 32 and in dK); plain software pipelining was exact and deterministic. See
+# docs/perf-notes.md. NSA_TL_WARP_SPECIALIZE=1 turns it back on for experiments.
+PASS_CONFIGS = {
+    tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True,
+    tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: os.environ.get("NSA_TL_WARP_SPECIALIZE") != "1",
+}
+if os.environ.get("NSA_TL_NO_TMA") == "1":  # experiments: cp.async instead of TMA
+    PASS_CONFIGS[tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER] = True
+
+
+def tl_dtype(dtype) -> str:
+    """'float16' / 'bfloat16' from a torch dtype or a string."""
+    name = str(dtype).replace("torch.", "")
+    if name not in ("float16", "bfloat16"):
+        raise TypeError(f"NSA kernels take float16 or bfloat16 tensors, got {dtype}")
+    return name
+
+
+def pad16(n: int) -> int:
+    """MMA tiles need multiples of 16 rows: the G heads of a group are padded up to one."""
+    return max(16, (n + 15) // 16 * 16)
+
+
+def default_target():
+    """The compile target: the environment's TILELANG_DEFAULT_TARGET, else TileLang's 'auto'."""
+    return os.environ.get("TILELANG_DEFAULT_TARGET", "auto")
+
+
+@T.macro
+def online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, GP, BN, V):
+    """One FlashAttention step on a masked score tile acc_s `[GP, BN]` (raw q·k, -inf where masked).
+
+    Keeps the running max m, the running sum l (both per row, base 2 with the scale sc folded in)
+    and rescales acc_o `[GP, V]`; acc_s leaves holding the tile's unnormalized probabilities. A row whose tile is fully masked and has seen nothing stays at
+    m = -inf, l = 0: the guard keeps exp2(-inf - -inf) out, so such a row ends at 0, never NaN.
+    """
+    T.copy(m, m_prev)
+    T.reduce_max(acc_s, m, dim=1, clear=False)
+    for i in T.Parallel(GP):
+        r[i] = T.if_then_else(m[i] == -T.infinity("float32"), 1.0, T.exp2((m_prev[i] - m[i]) * sc))
+    for i, j in T.Parallel(GP, BN):
+        acc_s[i, j] = T.exp2(acc_s[i, j] * sc - T.if_then_else(m[i] == -T.infinity("float32"), 0.0, m[i] * sc))
+    T.reduce_sum(acc_s, l_blk, dim=1)
+    for i in T.Parallel(GP):
+        l[i] = l[i] * r[i] + l_blk[i]
+    for i, j in T.Parallel(GP, V):
+        acc_o[i, j] *= r[i]

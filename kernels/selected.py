@@ -1,0 +1,376 @@
+"""Selected-block attention (NSA's second branch): forward and backward kernel factories.
+
+Shapes (varlen packs sequences along T with B = 1; a fixed-length batch is B rows of one sequence):
+    Q `[B, T, HQ, K]`, K `[B, T, H, K]`, V `[B, T, H, V]`, O `[B, T, HQ, V]`, LSE `[B, T, HQ]` (fp32, base 2)
+    BlockIdx `[B, T, H, S]` int32 block ids per sequence, BlockCnt `[B, T, H]` int32 slots used
+    Offsets `[N+1]` int32 sequence starts, TokSeq `[T]` int32 the sequence of each token
+B, T and N are dynamic: new lengths never recompile. Compile-time constants: H, G, K, V, S, BS, the
+dtype, the scale and the tile config.
+
+Forward: one program per (token, batch·kv head). The G query heads of the group form one Q tile
+(padded to 16 rows for the MMA) and stream the selected blocks, BN keys at a time, through an exp2
+online softmax. A slot is skipped when it is past block_counts, negative, or its block starts after
+the token (which also rejects every id past the sequence's end without forming id·BS, so huge ids
+cannot overflow into a valid address); the block holding the token is masked key by key.
+"""
+
+import tilelang
+import tilelang.language as T
+
+from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16
+
+
+@T.macro
+def collect_tiles(BlockIdx, i_b, i_t, i_h, n_s, t, tiles, n_tiles, S: int, BS: int, BN: int):
+    """Write into shared `tiles` the start (in the sequence) of every BN-key tile the token reads,
+    in slot order, and count them in the local n_tiles. A slot is read when it is below
+    block_counts, its id is >= 0 and its block starts at or before t (which also rejects ids past
+    the sequence's end before id·BS is formed, so no id can overflow into a valid address).
+    Every thread scans the S ids (the loads broadcast) so each holds the count; thread 0 writes.
+    Compacting first lets the main loop run branch-free over exactly these tiles, so TileLang
+    pipelines its loads asynchronously."""
+    for s in T.serial(S):
+        blk = BlockIdx[i_b, i_t, i_h, s]
+        if s < n_s and blk >= 0 and blk <= t // BS:
+            for sub in T.serial(BS // BN):
+                if blk * BS + sub * BN <= t:
+                    if T.get_thread_binding() == 0:
+                        tiles[n_tiles] = blk * BS + sub * BN
+                    n_tiles = n_tiles + 1
+
+
+def pick_config(G: int, K: int, V: int, BS: int) -> dict:
+    """Tile choices of the selected kernels.
+
+    BN: keys per step. A whole block when it is small; 64 keys otherwise (an MMA-friendly width
+        whose K and V tiles at K = V = 256 still double-buffer in shared memory).
+    threads: the warps split the BN key columns (the Q tile has only GP = 16 rows for G <= 16, so
+        they cannot split rows), at least 8 columns each: 4 warps, 2 for BN = 16; 8 warps once
+        GP >= 64 rows or the head dims reach 256.
+    num_stages: 1: the next tile's K and V loads (cp.async) fly while this tile computes. The loop
+        runs over a data-dependent tile count, and TileLang 0.1.15 emits a non-constant
+        cp.async wait for deeper pipelines over a dynamic extent, which does not compile.
+    """
+    GP = pad16(G)
+    BN = min(BS, 64)
+    warps = 8 if (GP >= 64 or max(K, V) >= 256) else 4
+    threads = 32 * min(warps, BN // 8)
+    return dict(BN=BN, threads=threads, num_stages=1)
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, scale: float,
+                 BN: int = 64, threads: int = 128, num_stages: int = 2):
+    """Kernel(Q, K, V, BlockIdx, BlockCnt, Offsets, TokSeq, O, LSE): writes O and LSE."""
+    B, Tn, N1 = T.dynamic("B, T, N1")
+    HQ = H * G
+    GP = pad16(G)
+    NSUB = BS // BN
+    sc = scale * LOG2E
+    acc = "float32"
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor([B, Tn, HQ, K], dtype),
+        Kt: T.Tensor([B, Tn, H, K], dtype),
+        Vt: T.Tensor([B, Tn, H, V], dtype),
+        BlockIdx: T.Tensor([B, Tn, H, S], "int32"),
+        BlockCnt: T.Tensor([B, Tn, H], "int32"),
+        Offsets: T.Tensor([N1], "int32"),
+        TokSeq: T.Tensor([Tn], "int32"),
+        O: T.Tensor([B, Tn, HQ, V], dtype),
+        LSE: T.Tensor([B, Tn, HQ], acc),
+    ):
+        with T.Kernel(Tn, B * H, threads=threads) as (i_t, i_bh):
+            Q_s = T.alloc_shared([GP, K], dtype)
+            K_s = T.alloc_shared([BN, K], dtype)
+            V_s = T.alloc_shared([BN, V], dtype)
+            P_s = T.alloc_shared([GP, BN], dtype)
+            O_s = T.alloc_shared([GP, V], dtype)
+            lse_s = T.alloc_shared([GP], acc)
+            tiles = T.alloc_shared([S * NSUB], "int32")
+            n_tiles = T.alloc_var("int32", init=0)
+            acc_s = T.alloc_fragment([GP, BN], acc)
+            acc_o = T.alloc_fragment([GP, V], acc)
+            m = T.alloc_fragment([GP], acc)
+            m_prev = T.alloc_fragment([GP], acc)
+            r = T.alloc_fragment([GP], acc)
+            l = T.alloc_fragment([GP], acc)
+            l_blk = T.alloc_fragment([GP], acc)
+
+            i_b = i_bh // H
+            i_h = i_bh % H
+            bos = Offsets[TokSeq[i_t]]
+            t = i_t - bos  # position in its own sequence
+            n_s = T.min(BlockCnt[i_b, i_t, i_h], S)
+
+            if G == GP:
+                T.copy(Q[i_b, i_t, i_h * G:(i_h + 1) * G, :], Q_s)
+            else:  # pad rows G..GP-1 with zeros
+                for g, d in T.Parallel(GP, K):
+                    Q_s[g, d] = T.if_then_else(g < G, Q[i_b, i_t, i_h * G + g, d], 0)
+            T.fill(acc_o, 0)
+            T.fill(l, 0)
+            T.fill(m, -T.infinity(acc))
+            collect_tiles(BlockIdx, i_b, i_t, i_h, n_s, t, tiles, n_tiles, S, BS, BN)
+
+            for it in T.Pipelined(n_tiles, num_stages=num_stages):
+                start = tiles[it]
+                T.copy(Kt[i_b, bos + start:bos + start + BN, i_h, :], K_s)
+                for i, j in T.Parallel(GP, BN):  # only the tile holding t has keys after it
+                    acc_s[i, j] = T.if_then_else(start + j <= t, 0, -T.infinity(acc))
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+                online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, GP, BN, V)
+                # the warps split the key columns of S but the value columns of O: P goes
+                # through shared memory so every warp sees the whole probability tile
+                T.copy(acc_s, P_s)
+                T.copy(Vt[i_b, bos + start:bos + start + BN, i_h, :], V_s)
+                T.gemm(P_s, V_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
+
+            for i, j in T.Parallel(GP, V):
+                acc_o[i, j] = T.if_then_else(l[i] > 0, acc_o[i, j] / l[i], 0)
+            T.copy(acc_o, O_s)
+            for g, d in T.Parallel(G, V):
+                O[i_b, i_t, i_h * G + g, d] = O_s[g, d]
+            # empty rows get LSE = +inf: the backward's exp2(s - LSE) is then 0, never NaN
+            for i in T.Parallel(GP):
+                l_blk[i] = T.if_then_else(l[i] > 0, T.log2(l[i]) + m[i] * sc, T.infinity(acc))
+            T.copy(l_blk, lse_s)
+            for g in T.Parallel(G):
+                LSE[i_b, i_t, i_h * G + g] = lse_s[g]
+
+    return main
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, scale: float,
+                    BN: int = 64, threads: int = 128, num_stages: int = 2):
+    """Kernel(Q, K, V, O, dO, LSE, BlockIdx, BlockCnt, Offsets, TokSeq, dQ, Delta): writes dQ, Delta.
+
+    Query-centric like the forward: Delta = rowsum(dO ∘ O) (fused here, saved for the dK/dV
+    kernel), then per selected tile P = exp2(s·sc - LSE), dS = P ∘ (dO·Vᵀ - Delta) and
+    dQ = scale · dS·K. Slots are skipped by the forward's rule.
+    """
+    B, Tn, N1 = T.dynamic("B, T, N1")
+    HQ = H * G
+    GP = pad16(G)
+    NSUB = BS // BN
+    sc = scale * LOG2E
+    acc = "float32"
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor([B, Tn, HQ, K], dtype),
+        Kt: T.Tensor([B, Tn, H, K], dtype),
+        Vt: T.Tensor([B, Tn, H, V], dtype),
+        O: T.Tensor([B, Tn, HQ, V], dtype),
+        dO: T.Tensor([B, Tn, HQ, V], dtype),
+        LSE: T.Tensor([B, Tn, HQ], acc),
+        BlockIdx: T.Tensor([B, Tn, H, S], "int32"),
+        BlockCnt: T.Tensor([B, Tn, H], "int32"),
+        Offsets: T.Tensor([N1], "int32"),
+        TokSeq: T.Tensor([Tn], "int32"),
+        dQ: T.Tensor([B, Tn, HQ, K], dtype),
+        Delta: T.Tensor([B, Tn, HQ], acc),
+    ):
+        with T.Kernel(Tn, B * H, threads=threads) as (i_t, i_bh):
+            Q_s = T.alloc_shared([GP, K], dtype)
+            dO_s = T.alloc_shared([GP, V], dtype)
+            O_s = T.alloc_shared([GP, V], dtype)
+            K_s = T.alloc_shared([BN, K], dtype)
+            V_s = T.alloc_shared([BN, V], dtype)
+            dS_s = T.alloc_shared([GP, BN], dtype)
+            dQ_s = T.alloc_shared([GP, K], dtype)
+            lse_s = T.alloc_shared([GP], acc)
+            delta_s = T.alloc_shared([GP], acc)
+            tiles = T.alloc_shared([S * NSUB], "int32")
+            n_tiles = T.alloc_var("int32", init=0)
+            acc_s = T.alloc_fragment([GP, BN], acc)
+            acc_dp = T.alloc_fragment([GP, BN], acc)
+            acc_dq = T.alloc_fragment([GP, K], acc)
+            do_o = T.alloc_fragment([GP, V], acc)
+            delta = T.alloc_fragment([GP], acc)
+
+            i_b = i_bh // H
+            i_h = i_bh % H
+            bos = Offsets[TokSeq[i_t]]
+            t = i_t - bos
+            n_s = T.min(BlockCnt[i_b, i_t, i_h], S)
+
+            if G == GP:
+                T.copy(Q[i_b, i_t, i_h * G:(i_h + 1) * G, :], Q_s)
+                T.copy(dO[i_b, i_t, i_h * G:(i_h + 1) * G, :], dO_s)
+                T.copy(O[i_b, i_t, i_h * G:(i_h + 1) * G, :], O_s)
+            else:
+                for g, d in T.Parallel(GP, K):
+                    Q_s[g, d] = T.if_then_else(g < G, Q[i_b, i_t, i_h * G + g, d], 0)
+                for g, d in T.Parallel(GP, V):
+                    dO_s[g, d] = T.if_then_else(g < G, dO[i_b, i_t, i_h * G + g, d], 0)
+                    O_s[g, d] = T.if_then_else(g < G, O[i_b, i_t, i_h * G + g, d], 0)
+            # padded rows: LSE = +inf makes their P exactly 0
+            for g in T.Parallel(GP):
+                lse_s[g] = T.if_then_else(g < G, LSE[i_b, i_t, i_h * G + g], T.infinity(acc))
+            for i, d in T.Parallel(GP, V):
+                do_o[i, d] = T.cast(dO_s[i, d], acc) * T.cast(O_s[i, d], acc)
+            T.reduce_sum(do_o, delta, dim=1)
+            T.copy(delta, delta_s)
+            for g in T.Parallel(G):
+                Delta[i_b, i_t, i_h * G + g] = delta_s[g]
+            T.clear(acc_dq)
+            collect_tiles(BlockIdx, i_b, i_t, i_h, n_s, t, tiles, n_tiles, S, BS, BN)
+
+            for it in T.Pipelined(n_tiles, num_stages=num_stages):
+                start = tiles[it]
+                T.copy(Kt[i_b, bos + start:bos + start + BN, i_h, :], K_s)
+                T.copy(Vt[i_b, bos + start:bos + start + BN, i_h, :], V_s)
+                for i, j in T.Parallel(GP, BN):
+                    acc_s[i, j] = T.if_then_else(start + j <= t, 0, -T.infinity(acc))
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+                T.clear(acc_dp)
+                T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+                for i, j in T.Parallel(GP, BN):
+                    acc_s[i, j] = T.exp2(acc_s[i, j] * sc - lse_s[i]) * (acc_dp[i, j] - delta_s[i])
+                T.copy(acc_s, dS_s)
+                T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullCol)
+
+            for i, d in T.Parallel(GP, K):
+                acc_dq[i, d] = acc_dq[i, d] * scale
+            T.copy(acc_dq, dQ_s)
+            for g, d in T.Parallel(G, K):
+                dQ[i_b, i_t, i_h * G + g, d] = dQ_s[g, d]
+
+    return main
+
+
+def pick_dkv_config(G: int, K: int, V: int, BS: int) -> dict:
+    """Tile choices of the dK/dV kernel (one program per key tile of a block).
+
+    BN: key rows per program, min(BS, 64): the dK `[BN, K]` and dV `[BN, V]` fp32 accumulators
+        live in registers (64 per thread each at K = V = 128 with 4 warps).
+    threads: 4 warps, one per 16 key rows (FullRow: P and dS stay in registers as the next MMA's
+        A operand); 8 warps splitting columns too when the head dims reach 256; BN // 16 warps
+        below 64 rows.
+    num_stages: 1, as in the forward (the pair loop has a data-dependent length).
+    """
+    BN = min(BS, 64)
+    warps = BN // 16
+    if max(K, V) >= 256 and BN == 64:
+        warps = 8
+    return dict(BN=BN, threads=32 * warps, num_stages=1)
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def selected_bwd_dkv(H: int, G: int, K: int, V: int, BS: int, dtype: str, scale: float,
+                     BN: int = 64, threads: int = 128, num_stages: int = 2):
+    """Kernel(Q, K, V, dO, LSE, Delta, BlkStart, BlkEnd, PairOff, PairTok) -> (dK, dV).
+
+    Key-centric over an inverted index (no atomics): program (key tile, batch·kv head) walks the
+    tokens that selected its block, PairTok[PairOff[c] : PairOff[c+1]] with
+    c = (b·H + h)·NB + block, and accumulates dV += Pᵀ·dO and dK += dSᵀ·Q in registers.
+    BlkStart/BlkEnd `[NB]`: each block's first row and its sequence's end (rows of one batch row).
+    Every block gets a program, so blocks no token selected get dK = dV = 0.
+    """
+    B, Tn, NB, NP1, NPair = T.dynamic("B, T, NB, NP1, NPair")
+    HQ = H * G
+    GP = pad16(G)
+    NSUB = BS // BN
+    sc = scale * LOG2E
+    acc = "float32"
+    # FullRow: each warp owns whole rows of Pᵀ/dSᵀ, which then feed the next MMA from registers;
+    # with more warps than 16-row slices the columns split too and Pᵀ/dSᵀ go through shared memory
+    rows_only = threads // 32 <= BN // 16
+    policy = T.GemmWarpPolicy.FullRow if rows_only else T.GemmWarpPolicy.Square
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor([B, Tn, HQ, K], dtype),
+        Kt: T.Tensor([B, Tn, H, K], dtype),
+        Vt: T.Tensor([B, Tn, H, V], dtype),
+        dO: T.Tensor([B, Tn, HQ, V], dtype),
+        LSE: T.Tensor([B, Tn, HQ], acc),
+        Delta: T.Tensor([B, Tn, HQ], acc),
+        BlkStart: T.Tensor([NB], "int32"),
+        BlkEnd: T.Tensor([NB], "int32"),
+        PairOff: T.Tensor([NP1], "int32"),
+        PairTok: T.Tensor([NPair], "int32"),
+        dK: T.Tensor([B, Tn, H, K], dtype),
+        dV: T.Tensor([B, Tn, H, V], dtype),
+    ):
+        with T.Kernel(NB * NSUB, B * H, threads=threads) as (i_c, i_bh):
+            K_s = T.alloc_shared([BN, K], dtype)
+            V_s = T.alloc_shared([BN, V], dtype)
+            Q_s = T.alloc_shared([GP, K], dtype)
+            dO_s = T.alloc_shared([GP, V], dtype)
+            lse_s = T.alloc_shared([GP], acc)
+            delta_s = T.alloc_shared([GP], acc)
+            dK_s = T.alloc_shared([BN, K], dtype)
+            dV_s = T.alloc_shared([BN, V], dtype)
+            acc_st = T.alloc_fragment([BN, GP], acc)
+            acc_dpt = T.alloc_fragment([BN, GP], acc)
+            p_cast = T.alloc_fragment([BN, GP], dtype) if rows_only else T.alloc_shared([BN, GP], dtype)
+            ds_cast = T.alloc_fragment([BN, GP], dtype) if rows_only else T.alloc_shared([BN, GP], dtype)
+            acc_dk = T.alloc_fragment([BN, K], acc)
+            acc_dv = T.alloc_fragment([BN, V], acc)
+
+            i_b = i_bh // H
+            i_h = i_bh % H
+            blk = i_c // NSUB
+            start = BlkStart[blk] + (i_c % NSUB) * BN
+            end = BlkEnd[blk]
+            c = (i_b * H + i_h) * NB + blk
+            p0 = PairOff[c]
+            n_pairs = PairOff[c + 1] - p0
+
+            T.copy(Kt[i_b, start:start + BN, i_h, :], K_s)
+            T.copy(Vt[i_b, start:start + BN, i_h, :], V_s)
+            T.clear(acc_dk)
+            T.clear(acc_dv)
+
+            for p in T.Pipelined(n_pairs, num_stages=num_stages):
+                tok = PairTok[p0 + p]
+                # element-wise loads (cp.async): T.copy of a token-indexed slice fails TileLang
+                # 0.1.15's codegen inside this pipelined loop
+                for g, d in T.Parallel(GP, K):
+                    Q_s[g, d] = T.if_then_else(g < G, Q[i_b, tok, i_h * G + g, d], 0)
+                for g, d in T.Parallel(GP, V):
+                    dO_s[g, d] = T.if_then_else(g < G, dO[i_b, tok, i_h * G + g, d], 0)
+                for g in T.Parallel(GP):
+                    lse_s[g] = T.if_then_else(g < G, LSE[i_b, tok, i_h * G + g], T.infinity(acc))
+                    delta_s[g] = T.if_then_else(g < G, Delta[i_b, tok, i_h * G + g], 0)
+                T.clear(acc_st)
+                T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=policy)
+                T.clear(acc_dpt)
+                T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=policy)
+                for i, j in T.Parallel(BN, GP):
+                    # keys after the token, or past its sequence, take no part
+                    acc_st[i, j] = T.if_then_else(start + i <= tok and start + i < end,
+                                                  T.exp2(acc_st[i, j] * sc - lse_s[j]), 0)
+                    acc_dpt[i, j] = acc_st[i, j] * (acc_dpt[i, j] - delta_s[j])
+                T.copy(acc_st, p_cast)
+                T.copy(acc_dpt, ds_cast)
+                T.gemm(p_cast, dO_s, acc_dv, policy=policy)
+                T.gemm(ds_cast, Q_s, acc_dk, policy=policy)
+
+            for i, d in T.Parallel(BN, K):
+                acc_dk[i, d] = acc_dk[i, d] * scale
+            T.copy(acc_dk, dK_s)
+            T.copy(acc_dv, dV_s)
+            # rows past the sequence's end belong to the next sequence's first block: not ours
+            for i, d in T.Parallel(BN, K):
+                if start + i < end:
+                    dK[i_b, start + i, i_h, d] = dK_s[i, d]
+            for i, d in T.Parallel(BN, V):
+                if start + i < end:
+                    dV[i_b, start + i, i_h, d] = dV_s[i, d]
+
+    return main
+
+
+def selected_kernels(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, scale: float):
+    """The three kernels one shape family needs (forward, dQ, dK/dV), compiled or taken from the cache."""
+    cfg = pick_config(G, K, V, BS)
+    return (
+        selected_fwd(H, G, K, V, S, BS, dtype, scale, **cfg),
+        selected_bwd_dq(H, G, K, V, S, BS, dtype, scale, **cfg),
+        selected_bwd_dkv(H, G, K, V, BS, dtype, scale, **pick_dkv_config(G, K, V, BS)),
+    )

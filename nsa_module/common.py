@@ -1,0 +1,105 @@
+"""Host-side pieces the ops share: kernel-specific argument checks, sequence metadata, allocation."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from reference.checks import check_block_counts, check_block_indices, check_cu_seqlens, check_qkv, check_scale
+
+INT32_MAX = 2 ** 31 - 1
+
+# Set by tests: every output a kernel writes is first filled with NaN, so an element the kernel
+# forgets shows up as NaN instead of as stale memory that happens to look right.
+POISON_OUTPUTS = False
+
+
+def empty(*shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def check_kernel_inputs(q, k, v, op: str) -> tuple[int, int, int, int, int, int]:
+    """The reference's shape checks plus what the TileLang kernels need. Returns (B, T, HQ, H, K, V)."""
+    B, T, HQ, H, K, V = check_qkv(q, k, v)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"{op} takes float16 or bfloat16 q, k, v, got {q.dtype}")
+    for name, d in (("K (q.shape[-1])", K), ("V (v.shape[-1])", V)):
+        if d % 16 != 0 or not 16 <= d <= 256:
+            raise ValueError(f"{op}: head dim {name} must be a multiple of 16 in [16, 256], got {d}")
+    G = HQ // H
+    if G > 128:
+        raise ValueError(f"{op}: at most 128 query heads per kv head (HQ // H), got {G}")
+    return B, T, HQ, H, K, V
+
+
+def check_cuda(q, op: str) -> None:
+    """Last of the checks, so every other mistake is reported on the CPU too."""
+    if q.device.type != "cuda":
+        raise ValueError(f"{op} runs TileLang kernels on CUDA tensors, got q on {q.device}; "
+                         "on the CPU use reference.naive_nsa")
+
+
+def check_kernel_block_size(block_size, op: str) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"{op}: block_size must be an int, got {type(block_size).__name__}")
+    if block_size not in (16, 32, 64, 128, 256):
+        raise ValueError(f"{op}: block_size must be 16, 32, 64, 128 or 256 for the kernels, got {block_size}")
+    return block_size
+
+
+@dataclass
+class SeqInfo:
+    """Where each token's sequence starts: Offsets `[N+1]` and TokSeq `[T]` (int32 on the device).
+    A fixed-length batch is one sequence [0, T) per batch row."""
+
+    offsets: torch.Tensor
+    tok_seq: torch.Tensor
+    lengths: list[int]
+    starts: list[int]
+
+    @staticmethod
+    def build(cu_seqlens: Optional[torch.Tensor], B: int, T: int, device) -> "SeqInfo":
+        offs = check_cu_seqlens(cu_seqlens, B, T, None)
+        if offs is None:
+            offs = [0, T]
+        if offs[-1] > INT32_MAX:
+            raise ValueError(f"the kernels index tokens with int32: T={offs[-1]} is too long")
+        lengths = [e - s for s, e in zip(offs, offs[1:])]
+        offsets = torch.tensor(offs, dtype=torch.int32, device=device)
+        tok_seq = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32, device=device),
+                                          torch.tensor(lengths, device=device), output_size=T)
+        return SeqInfo(offsets, tok_seq, lengths, offs[:-1])
+
+    def positions(self) -> torch.Tensor:
+        """`[T]` each token's position within its sequence (int64)."""
+        return torch.arange(self.tok_seq.numel(), device=self.tok_seq.device) - self.offsets[self.tok_seq.long()].long()
+
+
+def prepare_block_indices(block_indices, block_counts, B, T, H, like) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_indices as int32 `[B, T, H, S]` (ids beyond int32 clamped so a cast never wraps a huge id
+    onto a real block) and block_counts as int32 `[B, T, H]` clamped to [0, S]."""
+    S = check_block_indices(block_indices, B, T, H, like)
+    check_block_counts(block_counts, B, T, H, S, like)
+    idx = block_indices
+    if idx.dtype != torch.int32:
+        idx = idx.clamp(-1, INT32_MAX).to(torch.int32)
+    idx = idx.contiguous()
+    if block_counts is None:
+        cnt = torch.full((B, T, H), S, dtype=torch.int32, device=like.device)
+    elif isinstance(block_counts, int):
+        cnt = torch.full((B, T, H), block_counts, dtype=torch.int32, device=like.device)
+    else:
+        cnt = block_counts.clamp(0, S).to(torch.int32).contiguous()
+    return idx, cnt
+
+
+def resolve_scale(scale, K: int) -> float:
+    return check_scale(scale, K)
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    return math.ceil(length / block_size)

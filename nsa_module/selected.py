@@ -1,0 +1,151 @@
+"""Selected-block attention on the TileLang kernels: launchers, the autograd Function, the public op.
+
+Backward design: dQ is query-centric (one program per token and kv head, like the forward). dK/dV
+are key-centric over a two-pass inverted index (no atomics): pass one (torch, here) sorts every
+(token, kv head, slot) that really reads a block by (batch, kv head, block) into a CSR list; pass
+two (the dkv kernel) gives each key tile one program that walks the tokens that selected it and
+keeps dK, dV in registers. docs/perf-notes.md has the measured trade-off against atomics.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from kernels import selected as K_sel
+from kernels.common import tl_dtype
+
+from .common import (
+    SeqInfo,
+    check_cuda,
+    check_kernel_block_size,
+    check_kernel_inputs,
+    empty,
+    prepare_block_indices,
+    resolve_scale,
+)
+from reference.checks import check_gate
+
+
+def selected_fwd(q, k, v, idx, cnt, block_size: int, scale: float, seq: SeqInfo):
+    """o `[B, T, HQ, V]`, lse `[B, T, HQ]` (fp32, base 2; +inf where a row sees nothing)."""
+    B, T, HQ, Kd = q.shape
+    H, V = k.shape[2], v.shape[-1]
+    G, S = HQ // H, idx.shape[-1]
+    kernel = K_sel.selected_fwd(H, G, Kd, V, S, block_size, tl_dtype(q.dtype), scale,
+                                **K_sel.pick_config(G, Kd, V, block_size))
+    o = empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
+    lse = empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    kernel(q, k, v, idx, cnt, seq.offsets, seq.tok_seq, o, lse)
+    return o, lse
+
+
+def block_pairs(idx: torch.Tensor, cnt: torch.Tensor, block_size: int, seq: SeqInfo):
+    """The inverted index of the selection, for the dK/dV kernel.
+
+    Every (token t, kv head h, slot s) that the forward reads (s < count, id >= 0, block starting at
+    or before t) becomes a pair keyed by c = (b·H + h)·NB + global block, where the global block
+    numbers the blocks of all sequences one after another. Returns
+        blk_start `[NB]`, blk_end `[NB]`: each block's first row and its sequence's end;
+        pair_off `[B·H·NB + 1]`: CSR offsets by c; pair_tok `[B·T·H·S]`: the tokens, grouped by c in
+            token order (entries past pair_off[-1] are padding no program reads).
+    Sync-free: invalid slots sort to the end instead of being filtered out.
+    """
+    B, T, H, S = idx.shape
+    dev = idx.device
+    nb = [-(-n // block_size) for n in seq.lengths]  # blocks per sequence
+    base = torch.tensor([0] + nb, device=dev).cumsum(0)
+    NB = int(sum(nb))
+    seq_of_block = torch.repeat_interleave(torch.arange(len(nb), device=dev), torch.tensor(nb, device=dev), output_size=NB)
+    blk_start = (seq.offsets[seq_of_block].long() + (torch.arange(NB, device=dev) - base[seq_of_block]) * block_size).to(torch.int32)
+    blk_end = seq.offsets[seq_of_block + 1]
+
+    tok_seq = seq.tok_seq.long()
+    pos = seq.positions()
+    slot = torch.arange(S, device=dev)
+    ids = idx.long()
+    valid = (slot < cnt[..., None]) & (ids >= 0) & (ids <= (pos // block_size).view(1, T, 1, 1))
+    bh = (torch.arange(B, device=dev).view(B, 1, 1, 1) * H + torch.arange(H, device=dev).view(1, 1, H, 1))
+    key = (bh * NB + base[tok_seq].view(1, T, 1, 1) + ids).masked_fill(~valid, B * H * NB)
+    key, order = torch.sort(key.flatten(), stable=True)
+    pair_tok = ((order // (H * S)) % T).to(torch.int32)
+    counts = torch.zeros(B * H * NB + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    pair_off = torch.cat([counts.new_zeros(1), counts[:-1].cumsum(0)]).to(torch.int32)
+    return blk_start, blk_end.contiguous(), pair_off, pair_tok
+
+
+def selected_bwd(q, k, v, o, lse, do, idx, cnt, block_size: int, scale: float, seq: SeqInfo):
+    B, T, HQ, Kd = q.shape
+    H, V = k.shape[2], v.shape[-1]
+    G, S = HQ // H, idx.shape[-1]
+    dtype = tl_dtype(q.dtype)
+    dq = empty(B, T, HQ, Kd, dtype=q.dtype, device=q.device)
+    delta = empty(B, T, HQ, dtype=torch.float32, device=q.device)  # rowsum(dO ∘ O), from the dq kernel
+    K_sel.selected_bwd_dq(H, G, Kd, V, S, block_size, dtype, scale, **K_sel.pick_config(G, Kd, V, block_size))(
+        q, k, v, o, do, lse, idx, cnt, seq.offsets, seq.tok_seq, dq, delta)
+    blk_start, blk_end, pair_off, pair_tok = block_pairs(idx, cnt, block_size, seq)
+    dk = empty(B, T, H, Kd, dtype=k.dtype, device=k.device)
+    dv = empty(B, T, H, V, dtype=v.dtype, device=v.device)
+    K_sel.selected_bwd_dkv(H, G, Kd, V, block_size, dtype, scale, **K_sel.pick_dkv_config(G, Kd, V, block_size))(
+        q, k, v, do, lse, delta, blk_start, blk_end, pair_off, pair_tok, dk, dv)
+    return dq, dk, dv
+
+
+class SelectedAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, cnt, block_size, scale, seq):
+        o, lse = selected_fwd(q, k, v, idx, cnt, block_size, scale, seq)
+        ctx.save_for_backward(q, k, v, o, lse, idx, cnt)
+        ctx.block_size, ctx.scale, ctx.seq = block_size, scale, seq
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, idx, cnt = ctx.saved_tensors
+        dq, dk, dv = selected_bwd(q, k, v, o, lse, do.contiguous(), idx, cnt, ctx.block_size, ctx.scale, ctx.seq)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def selected_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_counts: Union[None, int, torch.Tensor] = None,
+    block_size: int = 64,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    g_slc: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""NSA's selected-block attention on TileLang kernels; differentiable in q, k, v and g_slc.
+
+    Args:
+        q: queries `[B, T, HQ, K]`, float16 or bfloat16 on CUDA; K a multiple of 16 up to 256.
+        k: keys `[B, T, H, K]`; any G = HQ // H from 1 to 128.
+        v: values `[B, T, H, V]`; V a multiple of 16 up to 256 (K != V allowed).
+        block_indices: `[B, T, H, S]` integer block ids per (token, kv head), shared by the G query
+            heads. Ids < 0, ids whose block starts after the token and ids past the sequence's end
+            add nothing; the block holding the token is masked key by key; a repeated id counts twice.
+        block_counts: slots used per token: None (all S), an int, or an integer tensor `[B, T, H]`.
+        block_size: BS, tokens per block: 16, 32, 64, 128 or 256.
+        scale: softmax scale, default K ** -0.5.
+        cu_seqlens: `[N+1]` offsets of sequences packed along T (B must be 1); block ids are
+            relative to each sequence's start.
+        g_slc: gate `[B, T, HQ]` multiplying each head's output; None means 1.
+
+    Returns:
+        o `[B, T, HQ, V]` in q's dtype; a token with no key taking part gets 0.
+
+    Compiled kernels are cached per (H, G, K, V, S, block_size, dtype, scale); B, T and the
+    sequence layout are dynamic and never recompile.
+    """
+    op = "selected_attention"
+    B, T, HQ, H, Kd, V = check_kernel_inputs(q, k, v, op)
+    check_kernel_block_size(block_size, op)
+    check_gate(g_slc, "g_slc", B, T, HQ, q)
+    scale = resolve_scale(scale, Kd)
+    idx, cnt = prepare_block_indices(block_indices, block_counts, B, T, H, q)
+    seq = SeqInfo.build(cu_seqlens, B, T, q.device)
+    check_cuda(q, op)
+    o = SelectedAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), idx, cnt, block_size, scale, seq)
+    return o if g_slc is None else o * g_slc.unsqueeze(-1).to(o.dtype)
