@@ -23,7 +23,7 @@ from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16
 @T.macro
 def collect_tiles(BlockIdx, i_b, i_t, i_h, n_s, t, tiles, n_tiles, S: int, BS: int, BN: int):
     """Write into shared `tiles` the start (in the sequence) of every BN-key tile the token reads,
-    in slot order, and count them in the local n_tiles. A slot is read when it is below
+    in slot order, and count them in the local n_tiles[0] (zeroed by the caller). A slot is read when it is below
     block_counts, its id is >= 0 and its block starts at or before t (which also rejects ids past
     the sequence's end before id·BS is formed, so no id can overflow into a valid address).
     Every thread scans the S ids (the loads broadcast) so each holds the count; thread 0 writes.
@@ -35,8 +35,8 @@ def collect_tiles(BlockIdx, i_b, i_t, i_h, n_s, t, tiles, n_tiles, S: int, BS: i
             for sub in T.serial(BS // BN):
                 if blk * BS + sub * BN <= t:
                     if T.get_thread_binding() == 0:
-                        tiles[n_tiles] = blk * BS + sub * BN
-                    n_tiles = n_tiles + 1
+                        tiles[n_tiles[0]] = blk * BS + sub * BN
+                    n_tiles[0] = n_tiles[0] + 1
 
 
 def pick_config(G: int, K: int, V: int, BS: int) -> dict:
@@ -89,7 +89,7 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
             O_s = T.alloc_shared([GP, V], dtype)
             lse_s = T.alloc_shared([GP], acc)
             tiles = T.alloc_shared([S * NSUB], "int32")
-            n_tiles = T.alloc_var("int32", init=0)
+            n_tiles = T.alloc_local([1], "int32")
             acc_s = T.alloc_fragment([GP, BN], acc)
             acc_o = T.alloc_fragment([GP, V], acc)
             m = T.alloc_fragment([GP], acc)
@@ -112,9 +112,10 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
             T.fill(acc_o, 0)
             T.fill(l, 0)
             T.fill(m, -T.infinity(acc))
+            n_tiles[0] = 0
             collect_tiles(BlockIdx, i_b, i_t, i_h, n_s, t, tiles, n_tiles, S, BS, BN)
 
-            for it in T.Pipelined(n_tiles, num_stages=num_stages):
+            for it in T.Pipelined(n_tiles[0], num_stages=num_stages):
                 start = tiles[it]
                 T.copy(Kt[i_b, bos + start:bos + start + BN, i_h, :], K_s)
                 for i, j in T.Parallel(GP, BN):  # only the tile holding t has keys after it
@@ -184,7 +185,7 @@ def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str,
             lse_s = T.alloc_shared([GP], acc)
             delta_s = T.alloc_shared([GP], acc)
             tiles = T.alloc_shared([S * NSUB], "int32")
-            n_tiles = T.alloc_var("int32", init=0)
+            n_tiles = T.alloc_local([1], "int32")
             acc_s = T.alloc_fragment([GP, BN], acc)
             acc_dp = T.alloc_fragment([GP, BN], acc)
             acc_dq = T.alloc_fragment([GP, K], acc)
@@ -217,9 +218,10 @@ def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str,
             for g in T.Parallel(G):
                 Delta[i_b, i_t, i_h * G + g] = delta_s[g]
             T.clear(acc_dq)
+            n_tiles[0] = 0
             collect_tiles(BlockIdx, i_b, i_t, i_h, n_s, t, tiles, n_tiles, S, BS, BN)
 
-            for it in T.Pipelined(n_tiles, num_stages=num_stages):
+            for it in T.Pipelined(n_tiles[0], num_stages=num_stages):
                 start = tiles[it]
                 T.copy(Kt[i_b, bos + start:bos + start + BN, i_h, :], K_s)
                 T.copy(Vt[i_b, bos + start:bos + start + BN, i_h, :], V_s)
