@@ -37,24 +37,25 @@ def main():
         seq = SeqInfo.build(None, 1, T, dev)
         scale = K ** -0.5
         fwd, dq_k, dkv_k = K_sel.selected_kernels(H, a.G, K, K, S, BS, "bfloat16", scale)
-        o, lse = selected_fwd(q, k, v, idx, cnt, BS, scale, seq)
+        gate = torch.rand(1, T, HQ, device=dev, dtype=dt)
+        o, og, lse = selected_fwd(q, k, v, gate, idx, cnt, BS, scale, seq)
         do = torch.randn_like(o)
         dq = torch.empty_like(q)
-        delta = torch.empty_like(lse)
+        delta, dgate = torch.empty_like(lse), torch.empty_like(lse)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         pairs = block_pairs(idx, cnt, BS, seq)
         fl = attention_flops(T, HQ, K, K, keys_per_query=min(S * BS, T / 2))
-        t_f = bench_ms(lambda: fwd(q, k, v, idx, cnt, seq.offsets, seq.tok_seq, o, lse))
-        t_dq = bench_ms(lambda: dq_k(q, k, v, o, do, lse, idx, cnt, seq.offsets, seq.tok_seq, dq, delta))
+        t_f = bench_ms(lambda: fwd(q, k, v, gate, idx, cnt, seq.offsets, seq.tok_seq, o, og, lse))
+        t_dq = bench_ms(lambda: dq_k(q, k, v, o, do, gate, lse, idx, cnt, seq.offsets, seq.tok_seq, dq, delta, dgate))
         t_pairs = bench_ms(lambda: block_pairs(idx, cnt, BS, seq))
-        t_dkv = bench_ms(lambda: dkv_k(q, k, v, do, lse, delta, *pairs, dk, dv))
+        t_dkv = bench_ms(lambda: dkv_k(q, k, v, do, gate, lse, delta, *pairs, dk, dv))
         kv_bytes = T * H * S * BS * 2 * K * 2  # K and V tiles each (token, kv head) streams from L2
         print(f"T={T} G={a.G} K={K} S={S} BS={BS}")
         print(f"  fwd kernel  {t_f:8.3f} ms  {fl / t_f / 1e9:6.0f} TFLOP/s  {kv_bytes / t_f / 1e9:6.2f} TB/s of K/V tiles")
         print(f"  dq kernel   {t_dq:8.3f} ms  {1.5 * fl / t_dq / 1e9:6.0f} TFLOP/s  {kv_bytes / t_dq / 1e9:6.2f} TB/s of K/V tiles")
         print(f"  pairs (CSR) {t_pairs:8.3f} ms")
         print(f"  dkv kernel  {t_dkv:8.3f} ms  {2 * fl / t_dkv / 1e9:6.0f} TFLOP/s")
-        del q, k, v, o, lse, do, dq, dk, dv, pairs
+        del q, k, v, o, og, lse, do, dq, dk, dv, pairs
         torch.cuda.empty_cache()
 
 

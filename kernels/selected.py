@@ -61,7 +61,8 @@ def pick_config(G: int, K: int, V: int, BS: int) -> dict:
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, scale: float,
                  BN: int = 64, threads: int = 128, num_stages: int = 2):
-    """Kernel(Q, K, V, BlockIdx, BlockCnt, Offsets, TokSeq, O, LSE): writes O and LSE."""
+    """Kernel(Q, K, V, Gate, BlockIdx, BlockCnt, Offsets, TokSeq, O, OG, LSE): writes the branch
+    output O (kept for the backward), the gated output OG = Gate·O and LSE."""
     B, Tn, N1 = T.dynamic("B, T, N1")
     HQ = H * G
     GP = pad16(G)
@@ -74,11 +75,13 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
         Q: T.Tensor([B, Tn, HQ, K], dtype),
         Kt: T.Tensor([B, Tn, H, K], dtype),
         Vt: T.Tensor([B, Tn, H, V], dtype),
+        Gate: T.Tensor([B, Tn, HQ], dtype),
         BlockIdx: T.Tensor([B, Tn, H, S], "int32"),
         BlockCnt: T.Tensor([B, Tn, H], "int32"),
         Offsets: T.Tensor([N1], "int32"),
         TokSeq: T.Tensor([Tn], "int32"),
         O: T.Tensor([B, Tn, HQ, V], dtype),
+        OG: T.Tensor([B, Tn, HQ, V], dtype),
         LSE: T.Tensor([B, Tn, HQ], acc),
     ):
         with T.Kernel(Tn, B * H, threads=threads) as (i_t, i_bh):
@@ -133,6 +136,7 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
             T.copy(acc_o, O_s)
             for g, d in T.Parallel(G, V):
                 O[i_b, i_t, i_h * G + g, d] = O_s[g, d]
+                OG[i_b, i_t, i_h * G + g, d] = O_s[g, d] * Gate[i_b, i_t, i_h * G + g]
             # empty rows get LSE = +inf: the backward's exp2(s - LSE) is then 0, never NaN
             for i in T.Parallel(GP):
                 l_blk[i] = T.if_then_else(l[i] > 0, T.log2(l[i]) + m[i] * sc, T.infinity(acc))
@@ -146,11 +150,13 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, scale: float,
                     BN: int = 64, threads: int = 128, num_stages: int = 2):
-    """Kernel(Q, K, V, O, dO, LSE, BlockIdx, BlockCnt, Offsets, TokSeq, dQ, Delta): writes dQ, Delta.
+    """Kernel(Q, K, V, O, dOG, Gate, LSE, BlockIdx, BlockCnt, Offsets, TokSeq, dQ, Delta, dGate).
 
-    Query-centric like the forward: Delta = rowsum(dO ∘ O) (fused here, saved for the dK/dV
-    kernel), then per selected tile P = exp2(s·sc - LSE), dS = P ∘ (dO·Vᵀ - Delta) and
-    dQ = scale · dS·K. Slots are skipped by the forward's rule.
+    dOG is the gradient of the gated output OG = Gate·O. Per row: dGate = rowsum(dOG ∘ O), and the
+    branch's own gradient dO = Gate·dOG gives Delta = rowsum(dO ∘ O) = Gate·dGate (saved for the
+    dK/dV kernel). Then, query-centric like the forward, per selected tile:
+    P = exp2(s·sc - LSE), dS = P ∘ (Gate·(dOG·Vᵀ) - Delta), dQ = scale · dS·K.
+    Slots are skipped by the forward's rule.
     """
     B, Tn, N1 = T.dynamic("B, T, N1")
     HQ = H * G
@@ -166,6 +172,7 @@ def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str,
         Vt: T.Tensor([B, Tn, H, V], dtype),
         O: T.Tensor([B, Tn, HQ, V], dtype),
         dO: T.Tensor([B, Tn, HQ, V], dtype),
+        Gate: T.Tensor([B, Tn, HQ], dtype),
         LSE: T.Tensor([B, Tn, HQ], acc),
         BlockIdx: T.Tensor([B, Tn, H, S], "int32"),
         BlockCnt: T.Tensor([B, Tn, H], "int32"),
@@ -173,6 +180,7 @@ def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str,
         TokSeq: T.Tensor([Tn], "int32"),
         dQ: T.Tensor([B, Tn, HQ, K], dtype),
         Delta: T.Tensor([B, Tn, HQ], acc),
+        dGate: T.Tensor([B, Tn, HQ], acc),
     ):
         with T.Kernel(Tn, B * H, threads=threads) as (i_t, i_bh):
             Q_s = T.alloc_shared([GP, K], dtype)
@@ -184,6 +192,8 @@ def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str,
             dQ_s = T.alloc_shared([GP, K], dtype)
             lse_s = T.alloc_shared([GP], acc)
             delta_s = T.alloc_shared([GP], acc)
+            gate_s = T.alloc_shared([GP], acc)
+            dgate_s = T.alloc_shared([GP], acc)
             tiles = T.alloc_shared([S * NSUB], "int32")
             n_tiles = T.alloc_local([1], "int32")
             acc_s = T.alloc_fragment([GP, BN], acc)
@@ -211,11 +221,15 @@ def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str,
             # padded rows: LSE = +inf makes their P exactly 0
             for g in T.Parallel(GP):
                 lse_s[g] = T.if_then_else(g < G, LSE[i_b, i_t, i_h * G + g], T.infinity(acc))
+                gate_s[g] = T.if_then_else(g < G, T.cast(Gate[i_b, i_t, i_h * G + g], acc), 0)
             for i, d in T.Parallel(GP, V):
                 do_o[i, d] = T.cast(dO_s[i, d], acc) * T.cast(O_s[i, d], acc)
             T.reduce_sum(do_o, delta, dim=1)
-            T.copy(delta, delta_s)
+            T.copy(delta, dgate_s)
+            for g in T.Parallel(GP):
+                delta_s[g] = dgate_s[g] * gate_s[g]
             for g in T.Parallel(G):
+                dGate[i_b, i_t, i_h * G + g] = dgate_s[g]
                 Delta[i_b, i_t, i_h * G + g] = delta_s[g]
             T.clear(acc_dq)
             n_tiles[0] = 0
@@ -231,7 +245,7 @@ def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str,
                 T.clear(acc_dp)
                 T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
                 for i, j in T.Parallel(GP, BN):
-                    acc_s[i, j] = T.exp2(acc_s[i, j] * sc - lse_s[i]) * (acc_dp[i, j] - delta_s[i])
+                    acc_s[i, j] = T.exp2(acc_s[i, j] * sc - lse_s[i]) * (gate_s[i] * acc_dp[i, j] - delta_s[i])
                 T.copy(acc_s, dS_s)
                 T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullCol)
 
@@ -249,6 +263,9 @@ def pick_dkv_config(G: int, K: int, V: int, BS: int) -> dict:
 
     BN: key rows per program, min(BS, 64): the dK `[BN, K]` and dV `[BN, V]` fp32 accumulators
         live in registers (64 per thread each at K = V = 128 with 4 warps).
+    BQ: tokens of the pair list taken per step, so the MMAs are BN × BQ·GP instead of BN × GP:
+        4 for G <= 16 (64 columns), 2 for G = 32, 1 from G = 64 (the columns already fill a tile);
+        1 when the head dims reach 256 (registers and shared memory).
     threads: 4 warps, one per 16 key rows (FullRow: P and dS stay in registers as the next MMA's
         A operand); 8 warps splitting columns too when the head dims reach 256; BN // 16 warps
         below 64 rows.
@@ -258,23 +275,27 @@ def pick_dkv_config(G: int, K: int, V: int, BS: int) -> dict:
     warps = BN // 16
     if max(K, V) >= 256 and BN == 64:
         warps = 8
-    return dict(BN=BN, threads=32 * warps, num_stages=1)
+    BQ = 1 if max(K, V) >= 256 else max(1, 64 // pad16(G))
+    return dict(BN=BN, BQ=BQ, threads=32 * warps, num_stages=1)
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def selected_bwd_dkv(H: int, G: int, K: int, V: int, BS: int, dtype: str, scale: float,
-                     BN: int = 64, threads: int = 128, num_stages: int = 2):
-    """Kernel(Q, K, V, dO, LSE, Delta, BlkStart, BlkEnd, PairOff, PairTok) -> (dK, dV).
+                     BN: int = 64, BQ: int = 4, threads: int = 128, num_stages: int = 1):
+    """Kernel(Q, K, V, dOG, Gate, LSE, Delta, BlkStart, BlkEnd, PairOff, PairTok, dK, dV).
 
     Key-centric over an inverted index (no atomics): program (key tile, batch·kv head) walks the
     tokens that selected its block, PairTok[PairOff[c] : PairOff[c+1]] with
-    c = (b·H + h)·NB + block, and accumulates dV += Pᵀ·dO and dK += dSᵀ·Q in registers.
-    BlkStart/BlkEnd `[NB]`: each block's first row and its sequence's end (rows of one batch row).
-    Every block gets a program, so blocks no token selected get dK = dV = 0.
+    c = (b·H + h)·NB + block, BQ tokens per step: the columns of a step are (token, head) pairs,
+    BQ·GP of them. With dO = Gate·dOG per column it accumulates dV += Pᵀ·dO and dK += dSᵀ·Q in
+    registers, dS = P ∘ (dP - Delta). BlkStart/BlkEnd `[NB]`: each block's first row and its
+    sequence's end (rows of one batch row). Every block gets a program, so blocks no token selected
+    get dK = dV = 0. Columns past the list's end repeat its last token with LSE = +inf: P = 0.
     """
     B, Tn, NB, NP1, NPair = T.dynamic("B, T, NB, NP1, NPair")
     HQ = H * G
     GP = pad16(G)
+    NC = BQ * GP
     NSUB = BS // BN
     sc = scale * LOG2E
     acc = "float32"
@@ -289,6 +310,7 @@ def selected_bwd_dkv(H: int, G: int, K: int, V: int, BS: int, dtype: str, scale:
         Kt: T.Tensor([B, Tn, H, K], dtype),
         Vt: T.Tensor([B, Tn, H, V], dtype),
         dO: T.Tensor([B, Tn, HQ, V], dtype),
+        Gate: T.Tensor([B, Tn, HQ], dtype),
         LSE: T.Tensor([B, Tn, HQ], acc),
         Delta: T.Tensor([B, Tn, HQ], acc),
         BlkStart: T.Tensor([NB], "int32"),
@@ -301,16 +323,18 @@ def selected_bwd_dkv(H: int, G: int, K: int, V: int, BS: int, dtype: str, scale:
         with T.Kernel(NB * NSUB, B * H, threads=threads) as (i_c, i_bh):
             K_s = T.alloc_shared([BN, K], dtype)
             V_s = T.alloc_shared([BN, V], dtype)
-            Q_s = T.alloc_shared([GP, K], dtype)
-            dO_s = T.alloc_shared([GP, V], dtype)
-            lse_s = T.alloc_shared([GP], acc)
-            delta_s = T.alloc_shared([GP], acc)
+            Q_s = T.alloc_shared([NC, K], dtype)
+            dO_s = T.alloc_shared([NC, V], dtype)
+            lse_s = T.alloc_shared([NC], acc)
+            delta_s = T.alloc_shared([NC], acc)
+            gate_s = T.alloc_shared([NC], acc)
+            tok_s = T.alloc_shared([NC], "int32")
             dK_s = T.alloc_shared([BN, K], dtype)
             dV_s = T.alloc_shared([BN, V], dtype)
-            acc_st = T.alloc_fragment([BN, GP], acc)
-            acc_dpt = T.alloc_fragment([BN, GP], acc)
-            p_cast = T.alloc_fragment([BN, GP], dtype) if rows_only else T.alloc_shared([BN, GP], dtype)
-            ds_cast = T.alloc_fragment([BN, GP], dtype) if rows_only else T.alloc_shared([BN, GP], dtype)
+            acc_st = T.alloc_fragment([BN, NC], acc)
+            acc_dpt = T.alloc_fragment([BN, NC], acc)
+            p_cast = T.alloc_fragment([BN, NC], dtype) if rows_only else T.alloc_shared([BN, NC], dtype)
+            ds_cast = T.alloc_fragment([BN, NC], dtype) if rows_only else T.alloc_shared([BN, NC], dtype)
             acc_dk = T.alloc_fragment([BN, K], acc)
             acc_dv = T.alloc_fragment([BN, V], acc)
 
@@ -328,26 +352,33 @@ def selected_bwd_dkv(H: int, G: int, K: int, V: int, BS: int, dtype: str, scale:
             T.clear(acc_dk)
             T.clear(acc_dv)
 
-            for p in T.Pipelined(n_pairs, num_stages=num_stages):
-                tok = PairTok[p0 + p]
-                # element-wise loads (cp.async): T.copy of a token-indexed slice fails TileLang
-                # 0.1.15's codegen inside this pipelined loop
-                for g, d in T.Parallel(GP, K):
-                    Q_s[g, d] = T.if_then_else(g < G, Q[i_b, tok, i_h * G + g, d], 0)
-                for g, d in T.Parallel(GP, V):
-                    dO_s[g, d] = T.if_then_else(g < G, dO[i_b, tok, i_h * G + g, d], 0)
-                for g in T.Parallel(GP):
-                    lse_s[g] = T.if_then_else(g < G, LSE[i_b, tok, i_h * G + g], T.infinity(acc))
-                    delta_s[g] = T.if_then_else(g < G, Delta[i_b, tok, i_h * G + g], 0)
+            for it in T.Pipelined(T.ceildiv(n_pairs, BQ), num_stages=num_stages):
+                # column j holds head j % GP of token number it·BQ + j // GP of the list
+                # (clamped to the last, which the LSE = +inf below then silences)
+                for j, d in T.Parallel(NC, K):
+                    Q_s[j, d] = T.if_then_else(
+                        j % GP < G,
+                        Q[i_b, PairTok[p0 + T.min(it * BQ + j // GP, n_pairs - 1)], i_h * G + j % GP, d], 0)
+                for j, d in T.Parallel(NC, V):
+                    dO_s[j, d] = T.if_then_else(
+                        j % GP < G,
+                        dO[i_b, PairTok[p0 + T.min(it * BQ + j // GP, n_pairs - 1)], i_h * G + j % GP, d], 0)
+                for j in T.Parallel(NC):
+                    tok_s[j] = PairTok[p0 + T.min(it * BQ + j // GP, n_pairs - 1)]
+                    live = j % GP < G and it * BQ + j // GP < n_pairs
+                    lse_s[j] = T.if_then_else(live, LSE[i_b, tok_s[j], i_h * G + j % GP], T.infinity(acc))
+                    delta_s[j] = T.if_then_else(live, Delta[i_b, tok_s[j], i_h * G + j % GP], 0)
+                    gate_s[j] = T.if_then_else(live, T.cast(Gate[i_b, tok_s[j], i_h * G + j % GP], acc), 0)
                 T.clear(acc_st)
                 T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=policy)
                 T.clear(acc_dpt)
                 T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=policy)
-                for i, j in T.Parallel(BN, GP):
+                for i, j in T.Parallel(BN, NC):
                     # keys after the token, or past its sequence, take no part
-                    acc_st[i, j] = T.if_then_else(start + i <= tok and start + i < end,
+                    acc_st[i, j] = T.if_then_else(start + i <= tok_s[j] and start + i < end,
                                                   T.exp2(acc_st[i, j] * sc - lse_s[j]), 0)
-                    acc_dpt[i, j] = acc_st[i, j] * (acc_dpt[i, j] - delta_s[j])
+                    acc_dpt[i, j] = acc_st[i, j] * (gate_s[j] * acc_dpt[i, j] - delta_s[j])
+                    acc_st[i, j] = acc_st[i, j] * gate_s[j]  # Pᵀ·(Gate·dOG) = (Pᵀ∘Gate)·dOG
                 T.copy(acc_st, p_cast)
                 T.copy(acc_dpt, ds_cast)
                 T.gemm(p_cast, dO_s, acc_dv, policy=policy)

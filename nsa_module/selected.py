@@ -1,6 +1,7 @@
 """Selected-block attention on the TileLang kernels: launchers, the autograd Function, the public op.
 
-Backward design: dQ is query-centric (one program per token and kv head, like the forward). dK/dV
+The gate is fused: the forward writes the branch output (kept for the backward) and gate·output;
+the dQ kernel also gives the gate's gradient. Backward design: dQ is query-centric (one program per token and kv head, like the forward). dK/dV
 are key-centric over a two-pass inverted index (no atomics): pass one (torch, here) sorts every
 (token, kv head, slot) that really reads a block by (batch, kv head, block) into a CSR list; pass
 two (the dkv kernel) gives each key tile one program that walks the tokens that selected it and
@@ -27,17 +28,19 @@ from .common import (
 from reference.checks import check_gate
 
 
-def selected_fwd(q, k, v, idx, cnt, block_size: int, scale: float, seq: SeqInfo):
-    """o `[B, T, HQ, V]`, lse `[B, T, HQ]` (fp32, base 2; +inf where a row sees nothing)."""
+def selected_fwd(q, k, v, gate, idx, cnt, block_size: int, scale: float, seq: SeqInfo):
+    """o `[B, T, HQ, V]` (the branch output), og = gate·o and lse `[B, T, HQ]` (fp32, base 2;
+    +inf where a row sees nothing)."""
     B, T, HQ, Kd = q.shape
     H, V = k.shape[2], v.shape[-1]
     G, S = HQ // H, idx.shape[-1]
     kernel = K_sel.selected_fwd(H, G, Kd, V, S, block_size, tl_dtype(q.dtype), scale,
                                 **K_sel.pick_config(G, Kd, V, block_size))
     o = empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
+    og = empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
     lse = empty(B, T, HQ, dtype=torch.float32, device=q.device)
-    kernel(q, k, v, idx, cnt, seq.offsets, seq.tok_seq, o, lse)
-    return o, lse
+    kernel(q, k, v, gate, idx, cnt, seq.offsets, seq.tok_seq, o, og, lse)
+    return o, og, lse
 
 
 def block_pairs(idx: torch.Tensor, cnt: torch.Tensor, block_size: int, seq: SeqInfo):
@@ -66,44 +69,51 @@ def block_pairs(idx: torch.Tensor, cnt: torch.Tensor, block_size: int, seq: SeqI
     ids = idx.long()
     valid = (slot < cnt[..., None]) & (ids >= 0) & (ids <= (pos // block_size).view(1, T, 1, 1))
     bh = (torch.arange(B, device=dev).view(B, 1, 1, 1) * H + torch.arange(H, device=dev).view(1, 1, H, 1))
-    key = (bh * NB + base[tok_seq].view(1, T, 1, 1) + ids).masked_fill(~valid, B * H * NB)
-    key, order = torch.sort(key.flatten(), stable=True)
-    pair_tok = ((order // (H * S)) % T).to(torch.int32)
+    key = (bh * NB + base[tok_seq].view(1, T, 1, 1) + ids).masked_fill(~valid, B * H * NB).flatten()
     counts = torch.zeros(B * H * NB + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    # int32 keys halve the radix passes; stable keeps each block's tokens in order (deterministic)
+    order = torch.sort(key.to(torch.int32), stable=True).indices
+    pair_tok = ((order // (H * S)) % T).to(torch.int32)
     pair_off = torch.cat([counts.new_zeros(1), counts[:-1].cumsum(0)]).to(torch.int32)
     return blk_start, blk_end.contiguous(), pair_off, pair_tok
 
 
-def selected_bwd(q, k, v, o, lse, do, idx, cnt, block_size: int, scale: float, seq: SeqInfo):
+def selected_bwd(q, k, v, gate, o, lse, dog, idx, cnt, block_size: int, scale: float, seq: SeqInfo):
+    """Gradients of og = gate·o: (dq, dk, dv, dgate)."""
     B, T, HQ, Kd = q.shape
     H, V = k.shape[2], v.shape[-1]
     G, S = HQ // H, idx.shape[-1]
     dtype = tl_dtype(q.dtype)
     dq = empty(B, T, HQ, Kd, dtype=q.dtype, device=q.device)
-    delta = empty(B, T, HQ, dtype=torch.float32, device=q.device)  # rowsum(dO ∘ O), from the dq kernel
+    delta = empty(B, T, HQ, dtype=torch.float32, device=q.device)  # rowsum(dO ∘ O), for dK/dV
+    dgate = empty(B, T, HQ, dtype=torch.float32, device=q.device)
     K_sel.selected_bwd_dq(H, G, Kd, V, S, block_size, dtype, scale, **K_sel.pick_config(G, Kd, V, block_size))(
-        q, k, v, o, do, lse, idx, cnt, seq.offsets, seq.tok_seq, dq, delta)
+        q, k, v, o, dog, gate, lse, idx, cnt, seq.offsets, seq.tok_seq, dq, delta, dgate)
     blk_start, blk_end, pair_off, pair_tok = block_pairs(idx, cnt, block_size, seq)
     dk = empty(B, T, H, Kd, dtype=k.dtype, device=k.device)
     dv = empty(B, T, H, V, dtype=v.dtype, device=v.device)
     K_sel.selected_bwd_dkv(H, G, Kd, V, block_size, dtype, scale, **K_sel.pick_dkv_config(G, Kd, V, block_size))(
-        q, k, v, do, lse, delta, blk_start, blk_end, pair_off, pair_tok, dk, dv)
-    return dq, dk, dv
+        q, k, v, dog, gate, lse, delta, blk_start, blk_end, pair_off, pair_tok, dk, dv)
+    return dq, dk, dv, dgate
 
 
 class SelectedAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, idx, cnt, block_size, scale, seq):
-        o, lse = selected_fwd(q, k, v, idx, cnt, block_size, scale, seq)
-        ctx.save_for_backward(q, k, v, o, lse, idx, cnt)
-        ctx.block_size, ctx.scale, ctx.seq = block_size, scale, seq
-        return o
+    """og = gate·selected_attention(q, k, v); the gate is fused into the kernels (a tensor of ones
+    when the caller has none)."""
 
     @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, idx, cnt = ctx.saved_tensors
-        dq, dk, dv = selected_bwd(q, k, v, o, lse, do.contiguous(), idx, cnt, ctx.block_size, ctx.scale, ctx.seq)
-        return dq, dk, dv, None, None, None, None, None
+    def forward(ctx, q, k, v, gate, idx, cnt, block_size, scale, seq):
+        o, og, lse = selected_fwd(q, k, v, gate, idx, cnt, block_size, scale, seq)
+        ctx.save_for_backward(q, k, v, gate, o, lse, idx, cnt)
+        ctx.block_size, ctx.scale, ctx.seq = block_size, scale, seq
+        return og
+
+    @staticmethod
+    def backward(ctx, dog):
+        q, k, v, gate, o, lse, idx, cnt = ctx.saved_tensors
+        dq, dk, dv, dgate = selected_bwd(q, k, v, gate, o, lse, dog.contiguous(), idx, cnt,
+                                         ctx.block_size, ctx.scale, ctx.seq)
+        return dq, dk, dv, dgate.to(gate.dtype), None, None, None, None, None
 
 
 def selected_attention(
@@ -147,5 +157,7 @@ def selected_attention(
     idx, cnt = prepare_block_indices(block_indices, block_counts, B, T, H, q)
     seq = SeqInfo.build(cu_seqlens, B, T, q.device)
     check_cuda(q, op)
-    o = SelectedAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), idx, cnt, block_size, scale, seq)
-    return o if g_slc is None else o * g_slc.unsqueeze(-1).to(o.dtype)
+    gate = (torch.ones(B, T, HQ, dtype=q.dtype, device=q.device) if g_slc is None
+            else g_slc.to(q.dtype).contiguous())
+    return SelectedAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), gate, idx, cnt,
+                                           block_size, scale, seq)
