@@ -364,11 +364,14 @@ def selected_bwd_dkv(H: int, G: int, K: int, V: int, BS: int, dtype: str, scale:
                         j % GP < G,
                         dO[i_b, PairTok[p0 + T.min(it * BQ + j // GP, n_pairs - 1)], i_h * G + j % GP, d], 0)
                 for j in T.Parallel(NC):
-                    tok_s[j] = PairTok[p0 + T.min(it * BQ + j // GP, n_pairs - 1)]
+                    # index through PairTok, never through tok_s: these copies may be async, and
+                    # tok_s is only complete once the pipeline waits for this stage
+                    tok = PairTok[p0 + T.min(it * BQ + j // GP, n_pairs - 1)]
                     live = j % GP < G and it * BQ + j // GP < n_pairs
-                    lse_s[j] = T.if_then_else(live, LSE[i_b, tok_s[j], i_h * G + j % GP], T.infinity(acc))
-                    delta_s[j] = T.if_then_else(live, Delta[i_b, tok_s[j], i_h * G + j % GP], 0)
-                    gate_s[j] = T.if_then_else(live, T.cast(Gate[i_b, tok_s[j], i_h * G + j % GP], acc), 0)
+                    tok_s[j] = tok
+                    lse_s[j] = T.if_then_else(live, LSE[i_b, tok, i_h * G + j % GP], T.infinity(acc))
+                    delta_s[j] = T.if_then_else(live, Delta[i_b, tok, i_h * G + j % GP], 0)
+                    gate_s[j] = T.if_then_else(live, T.cast(Gate[i_b, tok, i_h * G + j % GP], acc), 0)
                 T.clear(acc_st)
                 T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=policy)
                 T.clear(acc_dpt)
