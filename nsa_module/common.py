@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -63,20 +64,30 @@ class SeqInfo:
 
     @staticmethod
     def build(cu_seqlens: Optional[torch.Tensor], B: int, T: int, device) -> "SeqInfo":
-        offs = check_cu_seqlens(cu_seqlens, B, T, None)
+        offs = check_cu_seqlens(cu_seqlens, B, T, None)  # reads cu_seqlens on the host (validation)
         if offs is None:
-            offs = [0, T]
+            return _fixed_length_info(T, str(torch.device(device)))
         if offs[-1] > INT32_MAX:
             raise ValueError(f"the kernels index tokens with int32: T={offs[-1]} is too long")
+        # built from the device copy: a host-to-device copy would wait for the queued kernels
+        cu = cu_seqlens.to(device=device)
         lengths = [e - s for s, e in zip(offs, offs[1:])]
-        offsets = torch.tensor(offs, dtype=torch.int32, device=device)
         tok_seq = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32, device=device),
-                                          torch.tensor(lengths, device=device), output_size=T)
-        return SeqInfo(offsets, tok_seq, lengths, offs[:-1])
+                                          torch.diff(cu), output_size=T)
+        return SeqInfo(cu.to(torch.int32), tok_seq, lengths, offs[:-1])
 
     def positions(self) -> torch.Tensor:
         """`[T]` each token's position within its sequence (int64)."""
         return torch.arange(self.tok_seq.numel(), device=self.tok_seq.device) - self.offsets[self.tok_seq.long()].long()
+
+
+@lru_cache(maxsize=16)
+def _fixed_length_info(T: int, device: str) -> SeqInfo:
+    """One sequence [0, T) per batch row; cached so that a training step copies nothing to the device."""
+    if T > INT32_MAX:
+        raise ValueError(f"the kernels index tokens with int32: T={T} is too long")
+    offsets = torch.tensor([0, T], dtype=torch.int32, device=device)
+    return SeqInfo(offsets, torch.zeros(T, dtype=torch.int32, device=device), [T], [0])
 
 
 def prepare_block_indices(block_indices, block_counts, B, T, H, like) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ keeps dK, dV in registers. docs/perf-notes.md has the measured trade-off against
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Union
 
 import torch
@@ -43,6 +44,23 @@ def selected_fwd(q, k, v, gate, idx, cnt, block_size: int, scale: float, seq: Se
     return o, og, lse
 
 
+@lru_cache(maxsize=16)
+def _block_layout(lengths: tuple, block_size: int, device: str):
+    """Blocks of all sequences numbered one after another: each block's first row, its sequence's
+    end, and each sequence's first block number `[N+1]`. Cached per layout (no copies per step)."""
+    nb = [-(-n // block_size) for n in lengths]
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    blk_start = [s + i * block_size for s, n in zip(starts, nb) for i in range(n)]
+    blk_end = [e for e, n in zip(starts[1:], nb) for _ in range(n)]
+    base = [0]
+    for n in nb:
+        base.append(base[-1] + n)
+    as_dev = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return as_dev(blk_start, torch.int32), as_dev(blk_end, torch.int32), as_dev(base, torch.long)
+
+
 def block_pairs(idx: torch.Tensor, cnt: torch.Tensor, block_size: int, seq: SeqInfo):
     """The inverted index of the selection, for the dK/dV kernel.
 
@@ -56,12 +74,8 @@ def block_pairs(idx: torch.Tensor, cnt: torch.Tensor, block_size: int, seq: SeqI
     """
     B, T, H, S = idx.shape
     dev = idx.device
-    nb = [-(-n // block_size) for n in seq.lengths]  # blocks per sequence
-    base = torch.tensor([0] + nb, device=dev).cumsum(0)
-    NB = int(sum(nb))
-    seq_of_block = torch.repeat_interleave(torch.arange(len(nb), device=dev), torch.tensor(nb, device=dev), output_size=NB)
-    blk_start = (seq.offsets[seq_of_block].long() + (torch.arange(NB, device=dev) - base[seq_of_block]) * block_size).to(torch.int32)
-    blk_end = seq.offsets[seq_of_block + 1]
+    blk_start, blk_end, base = _block_layout(tuple(seq.lengths), block_size, str(dev))
+    NB = blk_start.numel()
 
     tok_seq = seq.tok_seq.long()
     pos = seq.positions()
@@ -75,7 +89,7 @@ def block_pairs(idx: torch.Tensor, cnt: torch.Tensor, block_size: int, seq: SeqI
     order = torch.sort(key.to(torch.int32), stable=True).indices
     pair_tok = ((order // (H * S)) % T).to(torch.int32)
     pair_off = torch.cat([counts.new_zeros(1), counts[:-1].cumsum(0)]).to(torch.int32)
-    return blk_start, blk_end.contiguous(), pair_off, pair_tok
+    return blk_start, blk_end, pair_off, pair_tok
 
 
 def selected_bwd(q, k, v, gate, o, lse, dog, idx, cnt, block_size: int, scale: float, seq: SeqInfo):
