@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import attention_flops, bench_ms, fwd_bwd, plot, print_table, write_results  # noqa: E402
+from benchmarks.common import attention_flops, bench_ms, fwd_bwd, plot, print_table, warm_up_gpu, write_results  # noqa: E402
 from nsa_module import selected_attention  # noqa: E402
 from reference.inputs import random_block_indices  # noqa: E402
 
@@ -90,6 +90,7 @@ def main():
         sys.exit("bench_selected needs a CUDA GPU; committed results are in benchmarks/results/")
     device = torch.cuda.get_device_name()
     print(f"device: {device}", flush=True)
+    warm_up_gpu()
     S, BS, K = 16, 64, 128
     rows = []
     for HQ, H in ((64, 4), (16, 4)):

@@ -38,6 +38,18 @@ def bench_ms(fn: Callable[[], object], grad_to_none: Optional[list] = None, rep:
     return float(do_bench(fn, warmup=50, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def warm_up_gpu(seconds: float = 2.0) -> None:
+    """Keep the GPU busy for a while so the first timed provider does not pay for clock ramp-up."""
+    import time
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        for _ in range(20):
+            a = (a @ a).clamp_(-1, 1)
+        torch.cuda.synchronize()
+
+
 def fwd_bwd(fn: Callable[[], torch.Tensor], do: torch.Tensor) -> Callable[[], None]:
     """A closure running forward then backward with a fixed dO."""
     def run():
