@@ -24,8 +24,10 @@ def device_slug(name: str) -> str:
 
 def commit() -> str:
     try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "kernels", "nsa_module"], cwd=os.path.dirname(HERE)).returncode
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                                      stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "kernels", "nsa_module"],
+                               cwd=os.path.dirname(HERE), stderr=subprocess.DEVNULL).returncode
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("NSA_COMMIT", "unknown")
