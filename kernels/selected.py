@@ -21,6 +21,17 @@ from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16
 
 
 @T.macro
+def load_group(X, X_s, i_b, i_t, i_h, G: int, GP: int):
+    """X_s `[GP, D]` <- the G rows of head group i_h of token i_t (X `[B, T, HQ, D]`), zero-padded to GP
+    rows for the MMA."""
+    if G == GP:
+        T.copy(X[i_b, i_t, i_h * G:(i_h + 1) * G, :], X_s)
+    else:
+        for g, d in T.Parallel(GP, X_s.shape[1]):
+            X_s[g, d] = T.if_then_else(g < G, X[i_b, i_t, i_h * G + g, d], 0)
+
+
+@T.macro
 def collect_tiles(BlockIdx, i_b, i_t, i_h, n_s, t, tiles, n_tiles, S: int, BS: int, BN: int):
     """Write into shared `tiles` the start (in the sequence) of every BN-key tile the token reads,
     in slot order, and count them in the local n_tiles[0] (zeroed by the caller). A slot is read when it is below
@@ -107,11 +118,7 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
             t = i_t - bos  # position in its own sequence
             n_s = T.min(BlockCnt[i_b, i_t, i_h], S)
 
-            if G == GP:
-                T.copy(Q[i_b, i_t, i_h * G:(i_h + 1) * G, :], Q_s)
-            else:  # pad rows G..GP-1 with zeros
-                for g, d in T.Parallel(GP, K):
-                    Q_s[g, d] = T.if_then_else(g < G, Q[i_b, i_t, i_h * G + g, d], 0)
+            load_group(Q, Q_s, i_b, i_t, i_h, G, GP)
             T.fill(acc_o, 0)
             T.fill(l, 0)
             T.fill(m, -T.infinity(acc))
@@ -208,16 +215,9 @@ def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str,
             t = i_t - bos
             n_s = T.min(BlockCnt[i_b, i_t, i_h], S)
 
-            if G == GP:
-                T.copy(Q[i_b, i_t, i_h * G:(i_h + 1) * G, :], Q_s)
-                T.copy(dO[i_b, i_t, i_h * G:(i_h + 1) * G, :], dO_s)
-                T.copy(O[i_b, i_t, i_h * G:(i_h + 1) * G, :], O_s)
-            else:
-                for g, d in T.Parallel(GP, K):
-                    Q_s[g, d] = T.if_then_else(g < G, Q[i_b, i_t, i_h * G + g, d], 0)
-                for g, d in T.Parallel(GP, V):
-                    dO_s[g, d] = T.if_then_else(g < G, dO[i_b, i_t, i_h * G + g, d], 0)
-                    O_s[g, d] = T.if_then_else(g < G, O[i_b, i_t, i_h * G + g, d], 0)
+            load_group(Q, Q_s, i_b, i_t, i_h, G, GP)
+            load_group(dO, dO_s, i_b, i_t, i_h, G, GP)
+            load_group(O, O_s, i_b, i_t, i_h, G, GP)
             # padded rows: LSE = +inf makes their P exactly 0
             for g in T.Parallel(GP):
                 lse_s[g] = T.if_then_else(g < G, LSE[i_b, i_t, i_h * G + g], T.infinity(acc))
