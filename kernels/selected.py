@@ -12,6 +12,10 @@ Forward: one program per (token, batch·kv head). The G query heads of the group
 online softmax. A slot is skipped when it is past block_counts, negative, or its block starts after
 the token (which also rejects every id past the sequence's end without forming id·BS, so huge ids
 cannot overflow into a valid address); the block holding the token is masked key by key.
+
+Backward: dQ per (token, batch·kv head) like the forward (it also gives Delta and the gate's
+gradient); dK/dV per (key tile, batch·kv head) over the inverted index nsa_module builds: the
+tokens that selected the block, BQ of them per step. No atomics; deterministic.
 """
 
 import tilelang
@@ -34,9 +38,9 @@ def load_group(X, X_s, i_b, i_t, i_h, G: int, GP: int):
 @T.macro
 def collect_tiles(BlockIdx, i_b, i_t, i_h, n_s, t, tiles, n_tiles, S: int, BS: int, BN: int):
     """Write into shared `tiles` the start (in the sequence) of every BN-key tile the token reads,
-    in slot order, and count them in the local n_tiles[0] (zeroed by the caller). A slot is read when it is below
-    block_counts, its id is >= 0 and its block starts at or before t (which also rejects ids past
-    the sequence's end before id·BS is formed, so no id can overflow into a valid address).
+    in slot order, and count them in the local n_tiles[0] (zeroed by the caller). A slot is read
+    when it is below block_counts, its id is >= 0 and its block starts at or before t (which also
+    rejects ids past the sequence's end before id·BS is formed, so no id can overflow).
     Every thread scans the S ids (the loads broadcast) so each holds the count; thread 0 writes.
     Compacting first lets the main loop run branch-free over exactly these tiles, so TileLang
     pipelines its loads asynchronously."""
@@ -54,7 +58,7 @@ def pick_config(G: int, K: int, V: int, BS: int) -> dict:
     """Tile choices of the selected kernels.
 
     BN: keys per step. A whole block when it is small; 64 keys otherwise (an MMA-friendly width
-        whose K and V tiles at K = V = 256 still double-buffer in shared memory).
+        whose K and V tiles at K = V = 256 still fit shared memory with the next tile in flight).
     threads: the warps split the BN key columns (the Q tile has only GP = 16 rows for G <= 16, so
         they cannot split rows), at least 8 columns each: 4 warps, 2 for BN = 16; 8 warps once
         GP >= 64 rows or the head dims reach 256.
@@ -71,7 +75,7 @@ def pick_config(G: int, K: int, V: int, BS: int) -> dict:
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, scale: float,
-                 BN: int = 64, threads: int = 128, num_stages: int = 2):
+                 BN: int = 64, threads: int = 128, num_stages: int = 1):
     """Kernel(Q, K, V, Gate, BlockIdx, BlockCnt, Offsets, TokSeq, O, OG, LSE): writes the branch
     output O (kept for the backward), the gated output OG = Gate·O and LSE."""
     B, Tn, N1 = T.dynamic("B, T, N1")
@@ -156,7 +160,7 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, scale: float,
-                    BN: int = 64, threads: int = 128, num_stages: int = 2):
+                    BN: int = 64, threads: int = 128, num_stages: int = 1):
     """Kernel(Q, K, V, O, dOG, Gate, LSE, BlockIdx, BlockCnt, Offsets, TokSeq, dQ, Delta, dGate).
 
     dOG is the gradient of the gated output OG = Gate·O. Per row: dGate = rowsum(dOG ∘ O), and the

@@ -39,6 +39,7 @@ GRID = [
     (32, 1, 128, 128, 32, 16, torch.float16, "tensor", False, 390),
     (64, 1, 128, 128, 64, 4, torch.bfloat16, None, False, 300),
     (3, 2, 64, 64, 64, 4, torch.bfloat16, "tensor", False, 211),  # a G that is no power of 2
+    (16, 1, 64, 64, 256, 4, torch.bfloat16, "tensor", True, 1100),  # the largest block size
 ]
 
 
