@@ -13,11 +13,11 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import attention_flops, bench_ms, fwd_bwd, plot, print_table, warm_up_gpu, write_results  # noqa: E402
+from benchmarks.common import (attention_flops, bench_ms, fwd_bwd, plot, print_table, sdpa_provider,  # noqa: E402
+                               warm_up_gpu, write_results)
 from nsa_module import selected_attention  # noqa: E402
 from reference.inputs import random_block_indices  # noqa: E402
 
@@ -25,21 +25,6 @@ try:
     from fla.ops.nsa import parallel_nsa
 except ImportError:  # fla-core is optional: a peer, not a dependency
     parallel_nsa = None
-
-
-def sdpa_provider(q, k, v, backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    G = q.shape[2] // k.shape[2]
-    qh = q.transpose(1, 2).detach().requires_grad_()
-    kh = k.transpose(1, 2).repeat_interleave(G, 1).detach().requires_grad_()  # K/V expanded to HQ heads
-    vh = v.transpose(1, 2).repeat_interleave(G, 1).detach().requires_grad_()
-    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
-
-    def run():
-        with sdpa_kernel(be):
-            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-    return run, [qh, kh, vh]
 
 
 def bench_one(T, HQ, H, K, S, BS, providers, dtype=torch.bfloat16, sdpa_max_T=1 << 30):

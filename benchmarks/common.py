@@ -40,6 +40,23 @@ def bench_ms(fn: Callable[[], object], grad_to_none: Optional[list] = None, rep:
     return float(do_bench(fn, warmup=50, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def sdpa_provider(q, k, v, backend):
+    """Full causal attention through SDPA (flash or cuDNN backend), K/V expanded to the HQ heads as
+    in ../shared/ANCHORS.md. q `[B, T, HQ, K]`, k/v `[B, T, H, D]` -> (closure, its leaves)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    G = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2).detach().requires_grad_()
+    kh = k.transpose(1, 2).repeat_interleave(G, 1).detach().requires_grad_()  # K/V expanded to HQ heads
+    vh = v.transpose(1, 2).repeat_interleave(G, 1).detach().requires_grad_()
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run():
+        with sdpa_kernel(be):
+            return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+    return run, [qh, kh, vh]
+
+
 def warm_up_gpu(seconds: float = 2.0) -> None:
     """Keep the GPU busy for a while so the first timed provider does not pay for clock ramp-up."""
     import time

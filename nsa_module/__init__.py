@@ -1,4 +1,5 @@
 """NSA ops on the TileLang kernels: validation, launchers, autograd Functions and the functional API."""
 from .selected import selected_attention
+from .sliding import selected_sliding_attention, sliding_window_attention
 
-__all__ = ["selected_attention"]
+__all__ = ["selected_attention", "selected_sliding_attention", "sliding_window_attention"]

@@ -1,0 +1,130 @@
+"""Sliding-window attention on the TileLang kernels, and the selected + sliding combination.
+
+As for the selected branch, the gate is fused: the forward writes the branch output (kept for the
+backward) and gate·output; the dQ kernel also gives the gate's gradient. dK/dV are key-tiled, so no
+atomics and no index are needed (the window fixes which queries reach a key).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from kernels import sliding as K_swa
+from kernels.common import tl_dtype
+from reference.checks import check_gate, check_positive_int
+
+from .common import SeqInfo, check_cuda, check_kernel_inputs, empty, resolve_scale
+from .selected import selected_attention
+
+# A window this long already covers any sequence the int32 kernels can index; capping it keeps
+# t - W + 1 inside int32 and gives every "whole sequence" window the same compiled kernel.
+W_CAP = 1 << 30
+
+
+def sliding_fwd(q, k, v, gate, window_size: int, scale: float, seq: SeqInfo):
+    B, T, HQ, Kd = q.shape
+    H, V = k.shape[2], v.shape[-1]
+    G = HQ // H
+    kernel = K_swa.sliding_fwd(H, G, Kd, V, window_size, tl_dtype(q.dtype), scale, **K_swa.pick_config(G, Kd, V))
+    o = empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
+    og = empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
+    lse = empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    kernel(q, k, v, gate, seq.offsets, seq.tok_seq, o, og, lse)
+    return o, og, lse
+
+
+def sliding_bwd(q, k, v, gate, o, lse, dog, window_size: int, scale: float, seq: SeqInfo):
+    B, T, HQ, Kd = q.shape
+    H, V = k.shape[2], v.shape[-1]
+    G = HQ // H
+    dtype = tl_dtype(q.dtype)
+    dq = empty(B, T, HQ, Kd, dtype=q.dtype, device=q.device)
+    delta = empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    dgate = empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    K_swa.sliding_bwd_dq(H, G, Kd, V, window_size, dtype, scale, **K_swa.pick_config(G, Kd, V))(
+        q, k, v, o, dog, gate, lse, seq.offsets, seq.tok_seq, dq, delta, dgate)
+    dk = empty(B, T, H, Kd, dtype=k.dtype, device=k.device)
+    dv = empty(B, T, H, V, dtype=v.dtype, device=v.device)
+    K_swa.sliding_bwd_dkv(H, G, Kd, V, window_size, dtype, scale, **K_swa.pick_dkv_config(G, Kd, V))(
+        q, k, v, dog, gate, lse, delta, seq.offsets, seq.tok_seq, dk, dv)
+    return dq, dk, dv, dgate
+
+
+class SlidingAttentionFunction(torch.autograd.Function):
+    """og = gate·sliding_window_attention(q, k, v)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate, window_size, scale, seq):
+        o, og, lse = sliding_fwd(q, k, v, gate, window_size, scale, seq)
+        ctx.save_for_backward(q, k, v, gate, o, lse)
+        ctx.window_size, ctx.scale, ctx.seq = window_size, scale, seq
+        return og
+
+    @staticmethod
+    def backward(ctx, dog):
+        q, k, v, gate, o, lse = ctx.saved_tensors
+        dq, dk, dv, dgate = sliding_bwd(q, k, v, gate, o, lse, dog.contiguous(), ctx.window_size, ctx.scale, ctx.seq)
+        return dq, dk, dv, dgate.to(gate.dtype), None, None, None
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window_size: int,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    g_swa: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""NSA's sliding branch on TileLang kernels: token t attends to tokens max(0, t-W+1) … t of its
+    own sequence; differentiable in q, k, v and g_swa.
+
+    Args:
+        q: queries `[B, T, HQ, K]`, float16 or bfloat16 on CUDA; K a multiple of 16 up to 256.
+        k: keys `[B, T, H, K]`; any G = HQ // H from 1 to 128.
+        v: values `[B, T, H, V]`; V a multiple of 16 up to 256.
+        window_size: W >= 1; W >= T is full causal attention.
+        scale: softmax scale, default K ** -0.5.
+        cu_seqlens: `[N+1]` offsets of sequences packed along T (B must be 1).
+        g_swa: gate `[B, T, HQ]` multiplying each head's output; None means 1.
+
+    Returns:
+        o `[B, T, HQ, V]` in q's dtype.
+
+    Compiled kernels are cached per (H, G, K, V, min(W, 2^30), dtype, scale); B, T and the
+    sequence layout are dynamic.
+    """
+    op = "sliding_window_attention"
+    B, T, HQ, H, Kd, V = check_kernel_inputs(q, k, v, op)
+    W = min(check_positive_int(window_size, "window_size"), W_CAP)
+    check_gate(g_swa, "g_swa", B, T, HQ, q)
+    scale = resolve_scale(scale, Kd)
+    seq = SeqInfo.build(cu_seqlens, B, T, q.device)
+    check_cuda(q, op)
+    gate = (torch.ones(B, T, HQ, dtype=q.dtype, device=q.device) if g_swa is None
+            else g_swa.to(q.dtype).contiguous())
+    return SlidingAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), gate, W, scale, seq)
+
+
+def selected_sliding_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_counts: Union[None, int, torch.Tensor] = None,
+    block_size: int = 64,
+    window_size: int = 512,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    g_slc: Optional[torch.Tensor] = None,
+    g_swa: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""g_slc·o_slc + g_swa·o_swa: `reference.naive_nsa` on the kernels (arguments as in
+    `selected_attention` and `sliding_window_attention`; window_size 0 leaves the sliding branch
+    out). Two launches for now, one per branch; whether one fused launch is faster has not been
+    measured yet (docs/perf-notes.md)."""
+    o = selected_attention(q, k, v, block_indices, block_counts, block_size, scale, cu_seqlens, g_slc)
+    if check_positive_int(window_size, "window_size", minimum=0) == 0:
+        return o
+    return o + sliding_window_attention(q, k, v, window_size, scale, cu_seqlens, g_swa)

@@ -1,0 +1,144 @@
+"""Sliding-window attention and the selected + sliding combination: kernels against the reference.
+
+gpu: forward and every gradient (q, k, v, gates) against reference.naive_nsa in float32 over G,
+head dims, W ∈ {1, 7, 64, 512, >= T}, varlen, T off the tile grid and both dtypes, outputs poisoned
+with NaN first; W >= T against SDPA's full causal attention. compile: the family builds for sm_90
+on the CPU. CPU: the argument checks.
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import reference as R
+from kernels import sliding as K_swa
+from nsa_module import selected_sliding_attention, sliding_window_attention
+from reference.inputs import random_block_counts, random_block_indices, random_cu_seqlens, random_gates, random_qkv
+from tests.test_selected import rel_err
+
+# G, H, K, V, W, dtype, varlen, T
+GRID = [
+    (16, 2, 128, 128, 512, torch.bfloat16, False, 1000),  # the benchmark's family
+    (1, 4, 64, 64, 1, torch.float16, True, 517),
+    (2, 2, 192, 128, 7, torch.bfloat16, False, 333),
+    (4, 2, 256, 256, 64, torch.float16, True, 700),
+    (8, 2, 128, 128, 4096, torch.bfloat16, False, 250),  # W >= T: full causal attention
+    (32, 1, 64, 64, 512, torch.bfloat16, True, 450),
+    (16, 2, 192, 128, 64, torch.float16, True, 900),  # the paper's dims
+    (3, 2, 64, 64, 7, torch.bfloat16, False, 211),  # a G that divides no tile
+    (64, 1, 128, 128, 1, torch.bfloat16, False, 300),
+]
+
+
+def grid_id(c):
+    G, H, K, V, W, dtype, varlen, T = c
+    return f"G{G}-H{H}-K{K}V{V}-W{W}-{str(dtype)[6:]}-{'varlen' if varlen else 'B2'}-T{T}"
+
+
+@pytest.fixture(scope="module")
+def compiled_grid():
+    fams = {(c[1], c[0], c[2], c[3], min(c[4], 1 << 30), str(c[5])[6:], c[2] ** -0.5) for c in GRID}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda f: K_swa.sliding_kernels(*f), fams))
+
+
+def make_inputs(G, H, K, V, dtype, varlen, T, seed=0):
+    B = 1 if varlen else 2
+    cu = random_cu_seqlens(T, 3, min_len=20, seed=seed, device="cuda") if varlen else None
+    q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device="cuda", seed=seed)
+    g1 = random_gates(B, T, G * H, dtype=dtype, device="cuda", seed=seed + 1)
+    g2 = random_gates(B, T, G * H, dtype=dtype, device="cuda", seed=seed + 2)
+    return q, k, v, g1, g2, cu
+
+
+def run_both(ours, ref, tensors):
+    """ours(*leaves) and ref(*float32 leaves), then both backward with one dO: outputs and grads."""
+    leaves = [x.detach().clone().requires_grad_() for x in tensors]
+    o = ours(*leaves)
+    do = torch.randn_like(o)
+    o.backward(do)
+    ref_leaves = [x.detach().float().requires_grad_() for x in tensors]
+    r = ref(*ref_leaves)
+    r.backward(do.float())
+    return [o] + [x.grad for x in leaves], [r] + [x.grad for x in ref_leaves]
+
+
+def assert_close_rel(ours, ref, names, dtype):
+    for name, x, r in zip(names, ours, ref):
+        assert x.dtype == dtype and x.shape == r.shape, name
+        assert not x.isnan().any(), f"{name} has NaN (an element left unwritten?)"
+        err = rel_err(x, r)
+        assert err <= 1e-2, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GRID, ids=[grid_id(c) for c in GRID])
+def test_sliding_matches_reference(case, compiled_grid, poison_outputs):
+    G, H, K, V, W, dtype, varlen, T = case
+    q, k, v, g, _, cu = make_inputs(G, H, K, V, dtype, varlen, T)
+    ours, ref = run_both(lambda q, k, v, g: sliding_window_attention(q, k, v, W, None, cu, g),
+                         lambda q, k, v, g: R.naive_nsa(q, k, v, None, g, None, None, 64, W, None, cu),
+                         [q, k, v, g])
+    assert_close_rel(ours, ref, ["o", "dq", "dk", "dv", "dg"], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [(16, 2, 192, 128, 64, 16, 512, torch.bfloat16, True, 900),
+                                  (4, 2, 64, 64, 32, 4, 7, torch.float16, False, 333)],
+                         ids=["paper-dims-W512-varlen", "G4-W7"])
+def test_selected_plus_sliding_matches_reference(case, poison_outputs):
+    G, H, K, V, BS, S, W, dtype, varlen, T = case
+    q, k, v, g1, g2, cu = make_inputs(G, H, K, V, dtype, varlen, T, seed=1)
+    B = q.shape[0]
+    idx = random_block_indices(B, T, H, S, BS, cu_seqlens=cu, device="cuda", seed=1, adversarial=0.3)
+    bc = random_block_counts(B, T, H, S, device="cuda", seed=1)
+    ours, ref = run_both(
+        lambda q, k, v, g1, g2: selected_sliding_attention(q, k, v, idx, bc, BS, W, None, cu, g1, g2),
+        lambda q, k, v, g1, g2: R.naive_nsa(q, k, v, g1, g2, idx, bc, BS, W, None, cu),
+        [q, k, v, g1, g2])
+    assert_close_rel(ours, ref, ["o", "dq", "dk", "dv", "dg_slc", "dg_swa"], dtype)
+
+
+@pytest.mark.gpu
+def test_sliding_window_past_T_is_causal_attention():
+    B, T, H, G, K = 1, 777, 2, 8, 128
+    q, k, v = random_qkv(B, T, G * H, H, K, K, dtype=torch.bfloat16, device="cuda", seed=5)
+    o = sliding_window_attention(q, k, v, 2 ** 40)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).float(), k.transpose(1, 2).float().repeat_interleave(G, 1),
+        v.transpose(1, 2).float().repeat_interleave(G, 1), is_causal=True).transpose(1, 2)
+    assert rel_err(o, ref) <= 1e-2
+
+
+FAMILIES = [(2, 16, 128, 128, 512, "bfloat16"), (4, 1, 64, 64, 7, "float16"), (1, 3, 192, 128, 64, "bfloat16")]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f"sliding-H{f[0]}-G{f[1]}-K{f[2]}V{f[3]}-W{f[4]}-{f[5]}")
+def test_compile_sliding(fam, sm90_target):
+    H, G, K, V, W, dtype = fam
+    for kern in K_swa.sliding_kernels(H, G, K, V, W, dtype, K ** -0.5):
+        assert "__global__" in kern.get_kernel_source()
+
+
+def _cpu(**over):
+    q, k, v = random_qkv(1, 64, 4, 2, 64, 64, dtype=torch.bfloat16)
+    args = dict(q=q, k=k, v=v, window_size=16, scale=None, cu_seqlens=None, g_swa=None)
+    args.update(over)
+    return args
+
+
+BAD = [
+    ("cpu tensors", {}, ValueError, "CUDA"),
+    ("window 0", dict(window_size=0), ValueError, "window_size"),
+    ("float window", dict(window_size=16.0), TypeError, "window_size"),
+    ("gate shape", dict(g_swa=torch.rand(1, 64, 3)), ValueError, "g_swa"),
+    ("float32", dict(q=torch.randn(1, 64, 4, 64), k=torch.randn(1, 64, 2, 64), v=torch.randn(1, 64, 2, 64)), TypeError, "float16 or bfloat16"),
+    ("bad cu_seqlens", dict(cu_seqlens=torch.tensor([0, 10, 10, 64])), ValueError, "strictly increasing"),
+]
+
+
+@pytest.mark.parametrize("name,over,exc,msg", BAD, ids=[b[0] for b in BAD])
+def test_sliding_bad_input_raises(name, over, exc, msg):
+    with pytest.raises(exc, match=msg):
+        sliding_window_attention(**_cpu(**over))
