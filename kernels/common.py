@@ -35,11 +35,6 @@ def pad16(n: int) -> int:
     return max(16, (n + 15) // 16 * 16)
 
 
-def default_target():
-    """The compile target: the environment's TILELANG_DEFAULT_TARGET, else TileLang's 'auto'."""
-    return os.environ.get("TILELANG_DEFAULT_TARGET", "auto")
-
-
 @T.macro
 def online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, GP, BN, V):
     """One FlashAttention step on a masked score tile acc_s `[GP, BN]` (raw q·k, -inf where masked).

@@ -1,7 +1,6 @@
 """Host-side pieces the ops share: kernel-specific argument checks, sequence metadata, allocation."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -110,7 +109,3 @@ def prepare_block_indices(block_indices, block_counts, B, T, H, like) -> tuple[t
 
 def resolve_scale(scale, K: int) -> float:
     return check_scale(scale, K)
-
-
-def num_blocks(length: int, block_size: int) -> int:
-    return math.ceil(length / block_size)

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-SM90 = '{"kind": "cuda", "arch": "sm_90"}'
+from kernels.common import SM90_TARGET
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def sm90_target(monkeypatch):
     """Compile for Hopper whatever this machine has (TileLang reads the variable at compile time)."""
-    monkeypatch.setenv("TILELANG_DEFAULT_TARGET", SM90)
+    monkeypatch.setenv("TILELANG_DEFAULT_TARGET", SM90_TARGET)
 
 
 @pytest.fixture
