@@ -1,17 +1,22 @@
-"""Sliding-window attention (NSA's third branch): forward and backward kernel factories.
+"""Banded causal attention: NSA's sliding branch, and (with strided keys) its compressed branch.
 
-Token t attends to the tokens max(bos, t-W+1) … t of its own sequence (bos: the sequence's first
-row). Shapes as in `selected.py`: Q `[B, T, HQ, K]`, K `[B, T, H, K]`, V `[B, T, H, V]`,
-Gate `[B, T, HQ]`, O/OG `[B, T, HQ, V]`, LSE `[B, T, HQ]` (fp32, base 2), Offsets `[N+1]`,
-TokSeq `[T]`. B, T and N are dynamic; W is a compile-time constant (the host caps it at 2^30, which
-means "the whole sequence" and keeps t-W+1 inside int32).
+Queries are tokens; key i of a sequence sits at position p(i) = i·KS + KC of that sequence. A query
+at position t attends to the keys with t - W < p(i) <= t:
+    sliding window:  KS = 1, KC = 0, window W        (keys are the tokens themselves)
+    compressed:      KS = d, KC = l - 1, W "infinite" (key i summarizes tokens i·d … i·d+l-1)
+Shapes: Q `[B, Tq, HQ, K]`, K `[B, Tk, H, K]`, V `[B, Tk, H, V]`, Gate `[B, Tq, HQ]`, O/OG
+`[B, Tq, HQ, V]`, LSE `[B, Tq, HQ]` (fp32, base 2; +inf for a row that sees nothing).
+QOffsets/KOffsets `[N+1]`: each sequence's first query / key row; QSeq `[Tq]`, KSeq `[Tk]`: the
+sequence of each row (a fixed-length batch is one sequence per batch row). B, Tq, Tk and N are
+dynamic; W, KS, KC are compile-time (the host caps W at 2^30, "the whole sequence", which keeps
+t - W inside int32).
 
-Rows of a program are (token, head) pairs: BM consecutive tokens × the G query heads of one kv
-head, padded to a multiple of 16 (M rows). Every K/V tile a program loads serves all of them. The
-key tiles visited are exactly those meeting the band [first token - W + 1, last token]; a row's mask
-keeps key k iff bos(row) <= k <= t(row) and k > t(row) - W, so a tile may straddle sequences.
-Backward: dQ per query tile like the forward (no atomics: each program owns its rows); dK/dV per key
-tile of BN keys walking the query tiles whose windows reach it (each program owns its key rows).
+Rows of a program are (token, head) pairs: BM consecutive tokens × the G query heads of one kv head,
+padded to a multiple of 16 (M rows); every K/V tile it loads serves all of them. It visits exactly
+the key tiles between the first row's lowest visible key and the last row's highest; a row's mask
+keeps its own sequence's visible keys, so a tile may straddle sequences. Backward: dQ per query
+tile like the forward; dK/dV per key tile of BN keys walking the query tiles that can see it. Each
+program owns the rows it writes: no atomics.
 """
 
 import tilelang
@@ -19,9 +24,12 @@ import tilelang.language as T
 
 from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16
 
+# A window this long covers any sequence the int32 kernels index; it also means "no window".
+W_CAP = 1 << 30
+
 
 def pick_config(G: int, K: int, V: int) -> dict:
-    """Tile choices of the sliding forward and dQ kernels.
+    """Tile choices of the forward and dQ kernels.
 
     M rows = BM tokens × G heads, padded to 16: 64 rows with 4 warps of 16 rows (FullRow, so P and
         dS stay in registers between MMAs); G = 128 needs 128 rows and 8 warps.
@@ -53,43 +61,69 @@ def load_rows(X, X_s, i_b, t0, i_h, G: int, BM: int, M: int):
 
 
 @T.macro
-def load_row_meta(Offsets, TokSeq, t0, Tn, tok_s, bos_s, G: int, BM: int, M: int):
-    """tok_s[r] = the row's token (-1 for padding rows), bos_s[r] = its sequence's first row."""
+def load_row_meta(QOffsets, QSeq, KOffsets, t0, Tq, tpos_s, kbos_s, G: int, BM: int, M: int):
+    """tpos_s[r] = the row's position in its sequence (-1 for padding rows past BM·G or Tq),
+    kbos_s[r] = the first key row of its sequence."""
     for r in T.Parallel(M):
-        live = r < BM * G and t0 + r // G < Tn
-        tok_s[r] = T.if_then_else(live, t0 + r // G, -1)
-        bos_s[r] = T.if_then_else(live, Offsets[TokSeq[T.min(t0 + r // G, Tn - 1)]], 0)
+        tq = T.min(t0 + r // G, Tq - 1)
+        live = r < BM * G and t0 + r // G < Tq
+        tpos_s[r] = T.if_then_else(live, tq - QOffsets[QSeq[tq]], -1)
+        kbos_s[r] = KOffsets[QSeq[tq]]
+
+
+@T.macro
+def band_mask(acc_s, kt, tpos_s, kbos_s, M: int, BN: int, W: int, KS: int, KC: int):
+    """acc_s `[M, BN]` <- 0 where row i sees key kt + j (same sequence, t - W < p <= t), else -inf."""
+    for i, j in T.Parallel(M, BN):
+        p = (kt + j - kbos_s[i]) * KS + KC
+        acc_s[i, j] = T.if_then_else(kt + j >= kbos_s[i] and p <= tpos_s[i] and p > tpos_s[i] - W,
+                                     0, -T.infinity("float32"))
+
+
+@T.macro
+def key_range(QOffsets, QSeq, KOffsets, t0, Tq, lo, n_tiles, BM: int, BN: int, W: int, KS: int, KC: int):
+    """lo[0]: the first key any row of the tile [t0, t0+BM) sees; n_tiles[0]: BN-key tiles from it to
+    the last row's last visible key (0 if none)."""
+    t_first = t0 - QOffsets[QSeq[t0]]
+    t_last_row = T.min(t0 + BM - 1, Tq - 1)
+    t_last = t_last_row - QOffsets[QSeq[t_last_row]]
+    lo[0] = KOffsets[QSeq[t0]] + T.max(0, T.floordiv(t_first - W - KC, KS) + 1)
+    hi = KOffsets[QSeq[t_last_row]] + T.floordiv(t_last - KC, KS)
+    n_tiles[0] = T.ceildiv(T.max(hi - lo[0] + 1, 0), BN)
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def sliding_fwd(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float,
-                BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
-    """Kernel(Q, K, V, Gate, Offsets, TokSeq, O, OG, LSE): the branch output O, OG = Gate·O, LSE."""
-    B, Tn, N1 = T.dynamic("B, T, N1")
+def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
+               BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
+    """Kernel(Q, K, V, Gate, QOffsets, QSeq, KOffsets, O, OG, LSE): O, OG = Gate·O and LSE."""
+    B, Tq, Tk, N1 = T.dynamic("B, Tq, Tk, N1")
     HQ = H * G
     sc = scale * LOG2E
     acc = "float32"
 
     @T.prim_func
     def main(
-        Q: T.Tensor([B, Tn, HQ, K], dtype),
-        Kt: T.Tensor([B, Tn, H, K], dtype),
-        Vt: T.Tensor([B, Tn, H, V], dtype),
-        Gate: T.Tensor([B, Tn, HQ], dtype),
-        Offsets: T.Tensor([N1], "int32"),
-        TokSeq: T.Tensor([Tn], "int32"),
-        O: T.Tensor([B, Tn, HQ, V], dtype),
-        OG: T.Tensor([B, Tn, HQ, V], dtype),
-        LSE: T.Tensor([B, Tn, HQ], acc),
+        Q: T.Tensor([B, Tq, HQ, K], dtype),
+        Kt: T.Tensor([B, Tk, H, K], dtype),
+        Vt: T.Tensor([B, Tk, H, V], dtype),
+        Gate: T.Tensor([B, Tq, HQ], dtype),
+        QOffsets: T.Tensor([N1], "int32"),
+        QSeq: T.Tensor([Tq], "int32"),
+        KOffsets: T.Tensor([N1], "int32"),
+        O: T.Tensor([B, Tq, HQ, V], dtype),
+        OG: T.Tensor([B, Tq, HQ, V], dtype),
+        LSE: T.Tensor([B, Tq, HQ], acc),
     ):
-        with T.Kernel(T.ceildiv(Tn, BM), B * H, threads=threads) as (i_m, i_bh):
+        with T.Kernel(T.ceildiv(Tq, BM), B * H, threads=threads) as (i_m, i_bh):
             Q_s = T.alloc_shared([M, K], dtype)
             K_s = T.alloc_shared([BN, K], dtype)
             V_s = T.alloc_shared([BN, V], dtype)
             O_s = T.alloc_shared([M, V], dtype)
             lse_s = T.alloc_shared([M], acc)
-            tok_s = T.alloc_shared([M], "int32")
-            bos_s = T.alloc_shared([M], "int32")
+            tpos_s = T.alloc_shared([M], "int32")
+            kbos_s = T.alloc_shared([M], "int32")
+            lo = T.alloc_local([1], "int32")
+            n_tiles = T.alloc_local([1], "int32")
             acc_s = T.alloc_fragment([M, BN], acc)
             acc_s_cast = T.alloc_fragment([M, BN], dtype)
             acc_o = T.alloc_fragment([M, V], acc)
@@ -102,25 +136,21 @@ def sliding_fwd(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float
             i_b = i_bh // H
             i_h = i_bh % H
             t0 = i_m * BM
-            t_last = T.min(t0 + BM - 1, Tn - 1)
-            lo = T.max(Offsets[TokSeq[t0]], t0 - W + 1)  # the first key any row of the tile needs
-
+            key_range(QOffsets, QSeq, KOffsets, t0, Tq, lo, n_tiles, BM, BN, W, KS, KC)
             load_rows(Q, Q_s, i_b, t0, i_h, G, BM, M)
-            load_row_meta(Offsets, TokSeq, t0, Tn, tok_s, bos_s, G, BM, M)
+            load_row_meta(QOffsets, QSeq, KOffsets, t0, Tq, tpos_s, kbos_s, G, BM, M)
             T.fill(acc_o, 0)
             T.fill(l, 0)
             T.fill(m, -T.infinity(acc))
 
-            for it in T.Pipelined(T.ceildiv(t_last - lo + 1, BN), num_stages=num_stages):
-                ks = lo + it * BN
-                T.copy(Kt[i_b, ks:ks + BN, i_h, :], K_s)
-                for i, j in T.Parallel(M, BN):
-                    acc_s[i, j] = T.if_then_else(
-                        ks + j <= tok_s[i] and ks + j > tok_s[i] - W and ks + j >= bos_s[i], 0, -T.infinity(acc))
+            for it in T.Pipelined(n_tiles[0], num_stages=num_stages):
+                kt = lo[0] + it * BN
+                T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
+                band_mask(acc_s, kt, tpos_s, kbos_s, M, BN, W, KS, KC)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V)
                 T.copy(acc_s, acc_s_cast)  # FullRow: each warp owns its rows, P stays in registers
-                T.copy(Vt[i_b, ks:ks + BN, i_h, :], V_s)
+                T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
                 T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             for i, j in T.Parallel(M, V):
@@ -130,45 +160,46 @@ def sliding_fwd(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float
                 l_blk[i] = T.if_then_else(l[i] > 0, T.log2(l[i]) + m[i] * sc, T.infinity(acc))
             T.copy(l_blk, lse_s)
             for rr, d in T.Parallel(M, V):
-                if tok_s[rr] >= 0:
-                    O[i_b, tok_s[rr], i_h * G + rr % G, d] = O_s[rr, d]
-                    OG[i_b, tok_s[rr], i_h * G + rr % G, d] = O_s[rr, d] * Gate[i_b, tok_s[rr], i_h * G + rr % G]
+                if tpos_s[rr] >= 0:
+                    O[i_b, t0 + rr // G, i_h * G + rr % G, d] = O_s[rr, d]
+                    OG[i_b, t0 + rr // G, i_h * G + rr % G, d] = O_s[rr, d] * Gate[i_b, t0 + rr // G, i_h * G + rr % G]
             for rr in T.Parallel(M):
-                if tok_s[rr] >= 0:
-                    LSE[i_b, tok_s[rr], i_h * G + rr % G] = lse_s[rr]
+                if tpos_s[rr] >= 0:
+                    LSE[i_b, t0 + rr // G, i_h * G + rr % G] = lse_s[rr]
 
     return main
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def sliding_bwd_dq(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float,
-                   BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
-    """Kernel(Q, K, V, O, dOG, Gate, LSE, Offsets, TokSeq, dQ, Delta, dGate).
+def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
+                  BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
+    """Kernel(Q, K, V, O, dOG, Gate, LSE, QOffsets, QSeq, KOffsets, dQ, Delta, dGate).
 
     As the selected dQ kernel: dGate = rowsum(dOG ∘ O), Delta = Gate·dGate, then per key tile
     dS = P ∘ (Gate·(dOG·Vᵀ) - Delta) and dQ = scale · dS·K.
     """
-    B, Tn, N1 = T.dynamic("B, T, N1")
+    B, Tq, Tk, N1 = T.dynamic("B, Tq, Tk, N1")
     HQ = H * G
     sc = scale * LOG2E
     acc = "float32"
 
     @T.prim_func
     def main(
-        Q: T.Tensor([B, Tn, HQ, K], dtype),
-        Kt: T.Tensor([B, Tn, H, K], dtype),
-        Vt: T.Tensor([B, Tn, H, V], dtype),
-        O: T.Tensor([B, Tn, HQ, V], dtype),
-        dO: T.Tensor([B, Tn, HQ, V], dtype),
-        Gate: T.Tensor([B, Tn, HQ], dtype),
-        LSE: T.Tensor([B, Tn, HQ], acc),
-        Offsets: T.Tensor([N1], "int32"),
-        TokSeq: T.Tensor([Tn], "int32"),
-        dQ: T.Tensor([B, Tn, HQ, K], dtype),
-        Delta: T.Tensor([B, Tn, HQ], acc),
-        dGate: T.Tensor([B, Tn, HQ], acc),
+        Q: T.Tensor([B, Tq, HQ, K], dtype),
+        Kt: T.Tensor([B, Tk, H, K], dtype),
+        Vt: T.Tensor([B, Tk, H, V], dtype),
+        O: T.Tensor([B, Tq, HQ, V], dtype),
+        dO: T.Tensor([B, Tq, HQ, V], dtype),
+        Gate: T.Tensor([B, Tq, HQ], dtype),
+        LSE: T.Tensor([B, Tq, HQ], acc),
+        QOffsets: T.Tensor([N1], "int32"),
+        QSeq: T.Tensor([Tq], "int32"),
+        KOffsets: T.Tensor([N1], "int32"),
+        dQ: T.Tensor([B, Tq, HQ, K], dtype),
+        Delta: T.Tensor([B, Tq, HQ], acc),
+        dGate: T.Tensor([B, Tq, HQ], acc),
     ):
-        with T.Kernel(T.ceildiv(Tn, BM), B * H, threads=threads) as (i_m, i_bh):
+        with T.Kernel(T.ceildiv(Tq, BM), B * H, threads=threads) as (i_m, i_bh):
             Q_s = T.alloc_shared([M, K], dtype)
             dO_s = T.alloc_shared([M, V], dtype)
             O_s = T.alloc_shared([M, V], dtype)
@@ -179,8 +210,10 @@ def sliding_bwd_dq(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: fl
             delta_s = T.alloc_shared([M], acc)
             gate_s = T.alloc_shared([M], acc)
             dgate_s = T.alloc_shared([M], acc)
-            tok_s = T.alloc_shared([M], "int32")
-            bos_s = T.alloc_shared([M], "int32")
+            tpos_s = T.alloc_shared([M], "int32")
+            kbos_s = T.alloc_shared([M], "int32")
+            lo = T.alloc_local([1], "int32")
+            n_tiles = T.alloc_local([1], "int32")
             acc_s = T.alloc_fragment([M, BN], acc)
             acc_dp = T.alloc_fragment([M, BN], acc)
             ds_cast = T.alloc_fragment([M, BN], dtype)
@@ -191,17 +224,16 @@ def sliding_bwd_dq(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: fl
             i_b = i_bh // H
             i_h = i_bh % H
             t0 = i_m * BM
-            t_last = T.min(t0 + BM - 1, Tn - 1)
-            lo = T.max(Offsets[TokSeq[t0]], t0 - W + 1)
-
+            key_range(QOffsets, QSeq, KOffsets, t0, Tq, lo, n_tiles, BM, BN, W, KS, KC)
             load_rows(Q, Q_s, i_b, t0, i_h, G, BM, M)
             load_rows(dO, dO_s, i_b, t0, i_h, G, BM, M)
             load_rows(O, O_s, i_b, t0, i_h, G, BM, M)
-            load_row_meta(Offsets, TokSeq, t0, Tn, tok_s, bos_s, G, BM, M)
+            load_row_meta(QOffsets, QSeq, KOffsets, t0, Tq, tpos_s, kbos_s, G, BM, M)
             for rr in T.Parallel(M):
                 # padding rows: LSE = +inf makes their P exactly 0
-                lse_s[rr] = T.if_then_else(tok_s[rr] >= 0, LSE[i_b, T.max(tok_s[rr], 0), i_h * G + rr % G], T.infinity(acc))
-                gate_s[rr] = T.if_then_else(tok_s[rr] >= 0, T.cast(Gate[i_b, T.max(tok_s[rr], 0), i_h * G + rr % G], acc), 0)
+                tq = T.min(t0 + rr // G, Tq - 1)
+                lse_s[rr] = T.if_then_else(tpos_s[rr] >= 0, LSE[i_b, tq, i_h * G + rr % G], T.infinity(acc))
+                gate_s[rr] = T.if_then_else(tpos_s[rr] >= 0, T.cast(Gate[i_b, tq, i_h * G + rr % G], acc), 0)
             for i, d in T.Parallel(M, V):
                 do_o[i, d] = T.cast(dO_s[i, d], acc) * T.cast(O_s[i, d], acc)
             T.reduce_sum(do_o, dgate, dim=1)
@@ -209,18 +241,16 @@ def sliding_bwd_dq(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: fl
             for rr in T.Parallel(M):
                 delta_s[rr] = dgate_s[rr] * gate_s[rr]
             for rr in T.Parallel(M):
-                if tok_s[rr] >= 0:
-                    dGate[i_b, tok_s[rr], i_h * G + rr % G] = dgate_s[rr]
-                    Delta[i_b, tok_s[rr], i_h * G + rr % G] = delta_s[rr]
+                if tpos_s[rr] >= 0:
+                    dGate[i_b, t0 + rr // G, i_h * G + rr % G] = dgate_s[rr]
+                    Delta[i_b, t0 + rr // G, i_h * G + rr % G] = delta_s[rr]
             T.clear(acc_dq)
 
-            for it in T.Pipelined(T.ceildiv(t_last - lo + 1, BN), num_stages=num_stages):
-                ks = lo + it * BN
-                T.copy(Kt[i_b, ks:ks + BN, i_h, :], K_s)
-                T.copy(Vt[i_b, ks:ks + BN, i_h, :], V_s)
-                for i, j in T.Parallel(M, BN):
-                    acc_s[i, j] = T.if_then_else(
-                        ks + j <= tok_s[i] and ks + j > tok_s[i] - W and ks + j >= bos_s[i], 0, -T.infinity(acc))
+            for it in T.Pipelined(n_tiles[0], num_stages=num_stages):
+                kt = lo[0] + it * BN
+                T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
+                T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
+                band_mask(acc_s, kt, tpos_s, kbos_s, M, BN, W, KS, KC)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.clear(acc_dp)
                 T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
@@ -233,22 +263,22 @@ def sliding_bwd_dq(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: fl
                 acc_dq[i, d] = acc_dq[i, d] * scale
             T.copy(acc_dq, dQ_s)
             for rr, d in T.Parallel(M, K):
-                if tok_s[rr] >= 0:
-                    dQ[i_b, tok_s[rr], i_h * G + rr % G, d] = dQ_s[rr, d]
+                if tpos_s[rr] >= 0:
+                    dQ[i_b, t0 + rr // G, i_h * G + rr % G, d] = dQ_s[rr, d]
 
     return main
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def sliding_bwd_dkv(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float,
-                    BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
-    """Kernel(Q, K, V, dOG, Gate, LSE, Delta, Offsets, TokSeq, dK, dV).
+def banded_bwd_dkv(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
+                   BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
+    """Kernel(Q, K, V, dOG, Gate, LSE, Delta, QOffsets, QSeq, KOffsets, KSeq, dK, dV).
 
-    One program per (key tile of BN keys, batch·kv head): the queries whose windows reach the
-    tile's keys are tokens ks … ks+BN-1+W-1 (of any sequence; the mask keeps a key's own), walked
-    BM tokens at a time. dV += (Pᵀ∘Gate)·dOG and dK += dSᵀ·Q, dS = P ∘ (Gate·dP - Delta).
+    One program per (key tile of BN keys, batch·kv head). The queries that can see the tile run
+    from the first key's position to the last key's position + W - 1 (capped at its sequence's
+    end), walked BM tokens at a time. dV += (Pᵀ∘Gate)·dOG, dK += dSᵀ·Q, dS = P ∘ (Gate·dP - Delta).
     """
-    B, Tn, N1 = T.dynamic("B, T, N1")
+    B, Tq, Tk, N1 = T.dynamic("B, Tq, Tk, N1")
     HQ = H * G
     sc = scale * LOG2E
     acc = "float32"
@@ -257,19 +287,21 @@ def sliding_bwd_dkv(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: f
 
     @T.prim_func
     def main(
-        Q: T.Tensor([B, Tn, HQ, K], dtype),
-        Kt: T.Tensor([B, Tn, H, K], dtype),
-        Vt: T.Tensor([B, Tn, H, V], dtype),
-        dO: T.Tensor([B, Tn, HQ, V], dtype),
-        Gate: T.Tensor([B, Tn, HQ], dtype),
-        LSE: T.Tensor([B, Tn, HQ], acc),
-        Delta: T.Tensor([B, Tn, HQ], acc),
-        Offsets: T.Tensor([N1], "int32"),
-        TokSeq: T.Tensor([Tn], "int32"),
-        dK: T.Tensor([B, Tn, H, K], dtype),
-        dV: T.Tensor([B, Tn, H, V], dtype),
+        Q: T.Tensor([B, Tq, HQ, K], dtype),
+        Kt: T.Tensor([B, Tk, H, K], dtype),
+        Vt: T.Tensor([B, Tk, H, V], dtype),
+        dO: T.Tensor([B, Tq, HQ, V], dtype),
+        Gate: T.Tensor([B, Tq, HQ], dtype),
+        LSE: T.Tensor([B, Tq, HQ], acc),
+        Delta: T.Tensor([B, Tq, HQ], acc),
+        QOffsets: T.Tensor([N1], "int32"),
+        QSeq: T.Tensor([Tq], "int32"),
+        KOffsets: T.Tensor([N1], "int32"),
+        KSeq: T.Tensor([Tk], "int32"),
+        dK: T.Tensor([B, Tk, H, K], dtype),
+        dV: T.Tensor([B, Tk, H, V], dtype),
     ):
-        with T.Kernel(T.ceildiv(Tn, BN), B * H, threads=threads) as (i_n, i_bh):
+        with T.Kernel(T.ceildiv(Tk, BN), B * H, threads=threads) as (i_n, i_bh):
             K_s = T.alloc_shared([BN, K], dtype)
             V_s = T.alloc_shared([BN, V], dtype)
             Q_s = T.alloc_shared([M, K], dtype)
@@ -277,8 +309,8 @@ def sliding_bwd_dkv(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: f
             lse_s = T.alloc_shared([M], acc)
             delta_s = T.alloc_shared([M], acc)
             gate_s = T.alloc_shared([M], acc)
-            tok_s = T.alloc_shared([M], "int32")
-            bos_s = T.alloc_shared([M], "int32")
+            tpos_s = T.alloc_shared([M], "int32")
+            kbos_s = T.alloc_shared([M], "int32")
             dK_s = T.alloc_shared([BN, K], dtype)
             dV_s = T.alloc_shared([BN, V], dtype)
             acc_st = T.alloc_fragment([BN, M], acc)
@@ -290,34 +322,40 @@ def sliding_bwd_dkv(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: f
 
             i_b = i_bh // H
             i_h = i_bh % H
-            ks = i_n * BN
-            q_hi = T.min(ks + BN - 1 + W - 1, Tn - 1)  # the last query whose window reaches the tile
+            kt = i_n * BN
+            k_last = T.min(kt + BN - 1, Tk - 1)
+            # the first query that sees key kt, and the last that sees key k_last (overflow-free:
+            # the window is clipped to what is left of the sequence before it is added)
+            q_lo = QOffsets[KSeq[kt]] + (kt - KOffsets[KSeq[kt]]) * KS + KC
+            q_last_key = QOffsets[KSeq[k_last]] + (k_last - KOffsets[KSeq[k_last]]) * KS + KC
+            q_hi = q_last_key + T.min(W, QOffsets[KSeq[k_last] + 1] - q_last_key) - 1
 
-            T.copy(Kt[i_b, ks:ks + BN, i_h, :], K_s)
-            T.copy(Vt[i_b, ks:ks + BN, i_h, :], V_s)
+            T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
+            T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
             T.clear(acc_dk)
             T.clear(acc_dv)
 
-            for it in T.Pipelined(T.ceildiv(q_hi - ks + 1, BM), num_stages=num_stages):
-                t0 = ks + it * BM
+            for it in T.Pipelined(T.ceildiv(T.max(q_hi - q_lo + 1, 0), BM), num_stages=num_stages):
+                t0 = q_lo + it * BM
                 load_rows(Q, Q_s, i_b, t0, i_h, G, BM, M)
                 load_rows(dO, dO_s, i_b, t0, i_h, G, BM, M)
                 for rr in T.Parallel(M):
-                    # computed from t0, never read back from tok_s in this stage (async copies)
-                    live = rr < BM * G and t0 + rr // G < Tn
-                    tok = T.min(t0 + rr // G, Tn - 1)
-                    tok_s[rr] = T.if_then_else(live, t0 + rr // G, -1)
-                    bos_s[rr] = Offsets[TokSeq[tok]]
-                    lse_s[rr] = T.if_then_else(live, LSE[i_b, tok, i_h * G + rr % G], T.infinity(acc))
-                    delta_s[rr] = T.if_then_else(live, Delta[i_b, tok, i_h * G + rr % G], 0)
-                    gate_s[rr] = T.if_then_else(live, T.cast(Gate[i_b, tok, i_h * G + rr % G], acc), 0)
+                    # computed from t0 and global tensors, never read back from a shared tile in
+                    # this stage (TileLang may make these copies asynchronous)
+                    tq = T.min(t0 + rr // G, Tq - 1)
+                    live = rr < BM * G and t0 + rr // G < Tq
+                    tpos_s[rr] = T.if_then_else(live, tq - QOffsets[QSeq[tq]], -1)
+                    kbos_s[rr] = KOffsets[QSeq[tq]]
+                    lse_s[rr] = T.if_then_else(live, LSE[i_b, tq, i_h * G + rr % G], T.infinity(acc))
+                    delta_s[rr] = T.if_then_else(live, Delta[i_b, tq, i_h * G + rr % G], 0)
+                    gate_s[rr] = T.if_then_else(live, T.cast(Gate[i_b, tq, i_h * G + rr % G], acc), 0)
                 T.clear(acc_st)
                 T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=policy)
                 T.clear(acc_dpt)
                 T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=policy)
                 for i, j in T.Parallel(BN, M):
-                    key = ks + i
-                    ok = key <= tok_s[j] and key > tok_s[j] - W and key >= bos_s[j] and key < Tn
+                    p = (kt + i - kbos_s[j]) * KS + KC
+                    ok = kt + i < Tk and kt + i >= kbos_s[j] and p <= tpos_s[j] and p > tpos_s[j] - W
                     acc_st[i, j] = T.if_then_else(ok, T.exp2(acc_st[i, j] * sc - lse_s[j]), 0)
                     acc_dpt[i, j] = acc_st[i, j] * (gate_s[j] * acc_dpt[i, j] - delta_s[j])
                     acc_st[i, j] = acc_st[i, j] * gate_s[j]
@@ -331,18 +369,23 @@ def sliding_bwd_dkv(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: f
             T.copy(acc_dk, dK_s)
             T.copy(acc_dv, dV_s)
             for i, d in T.Parallel(BN, K):
-                if ks + i < Tn:
-                    dK[i_b, ks + i, i_h, d] = dK_s[i, d]
+                if kt + i < Tk:
+                    dK[i_b, kt + i, i_h, d] = dK_s[i, d]
             for i, d in T.Parallel(BN, V):
-                if ks + i < Tn:
-                    dV[i_b, ks + i, i_h, d] = dV_s[i, d]
+                if kt + i < Tk:
+                    dV[i_b, kt + i, i_h, d] = dV_s[i, d]
 
     return main
 
 
-def sliding_kernels(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float):
+def banded_kernels(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float):
     """The three kernels one shape family needs (forward, dQ, dK/dV), compiled or taken from the cache."""
     cfg = pick_config(G, K, V)
-    return (sliding_fwd(H, G, K, V, W, dtype, scale, **cfg),
-            sliding_bwd_dq(H, G, K, V, W, dtype, scale, **cfg),
-            sliding_bwd_dkv(H, G, K, V, W, dtype, scale, **pick_dkv_config(G, K, V)))
+    return (banded_fwd(H, G, K, V, W, KS, KC, dtype, scale, **cfg),
+            banded_bwd_dq(H, G, K, V, W, KS, KC, dtype, scale, **cfg),
+            banded_bwd_dkv(H, G, K, V, W, KS, KC, dtype, scale, **pick_dkv_config(G, K, V)))
+
+
+def sliding_kernels(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float):
+    """The sliding window's kernels: keys are the tokens (KS = 1, KC = 0)."""
+    return banded_kernels(H, G, K, V, min(W, W_CAP), 1, 0, dtype, scale)

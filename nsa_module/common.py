@@ -25,15 +25,19 @@ def empty(*shape, dtype, device) -> torch.Tensor:
 def check_kernel_inputs(q, k, v, op: str) -> tuple[int, int, int, int, int, int]:
     """The reference's shape checks plus what the TileLang kernels need. Returns (B, T, HQ, H, K, V)."""
     B, T, HQ, H, K, V = check_qkv(q, k, v)
+    check_kernel_dims(q, HQ, H, K, V, op)
+    return B, T, HQ, H, K, V
+
+
+def check_kernel_dims(q, HQ: int, H: int, K: int, V: int, op: str) -> None:
+    """dtype and head dims the kernels take."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"{op} takes float16 or bfloat16 q, k, v, got {q.dtype}")
     for name, d in (("K (q.shape[-1])", K), ("V (v.shape[-1])", V)):
         if d % 16 != 0 or not 16 <= d <= 256:
             raise ValueError(f"{op}: head dim {name} must be a multiple of 16 in [16, 256], got {d}")
-    G = HQ // H
-    if G > 128:
-        raise ValueError(f"{op}: at most 128 query heads per kv head (HQ // H), got {G}")
-    return B, T, HQ, H, K, V
+    if HQ // H > 128:
+        raise ValueError(f"{op}: at most 128 query heads per kv head (HQ // H), got {HQ // H}")
 
 
 def check_cuda(q, op: str) -> None:

@@ -17,37 +17,39 @@ from reference.checks import check_gate, check_positive_int
 from .common import SeqInfo, check_cuda, check_kernel_inputs, empty, resolve_scale
 from .selected import selected_attention
 
-# A window this long already covers any sequence the int32 kernels can index; capping it keeps
-# t - W + 1 inside int32 and gives every "whole sequence" window the same compiled kernel.
-W_CAP = 1 << 30
-
-
-def sliding_fwd(q, k, v, gate, window_size: int, scale: float, seq: SeqInfo):
-    B, T, HQ, Kd = q.shape
+def banded_fwd(q, k, v, gate, W: int, KS: int, KC: int, scale: float, qseq: SeqInfo, kseq: SeqInfo):
+    """Banded causal attention (see kernels/sliding.py): o, og = gate·o, lse. Keys k/v may be a
+    different (strided) stream than the queries, laid out by kseq."""
+    B, Tq, HQ, Kd = q.shape
     H, V = k.shape[2], v.shape[-1]
     G = HQ // H
-    kernel = K_swa.sliding_fwd(H, G, Kd, V, window_size, tl_dtype(q.dtype), scale, **K_swa.pick_config(G, Kd, V))
-    o = empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
-    og = empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
-    lse = empty(B, T, HQ, dtype=torch.float32, device=q.device)
-    kernel(q, k, v, gate, seq.offsets, seq.tok_seq, o, og, lse)
+    o = empty(B, Tq, HQ, V, dtype=q.dtype, device=q.device)
+    og = empty(B, Tq, HQ, V, dtype=q.dtype, device=q.device)
+    lse = empty(B, Tq, HQ, dtype=torch.float32, device=q.device)
+    if k.shape[1] == 0:  # no key anywhere (every sequence shorter than one compressed block)
+        return o.zero_(), og.zero_(), lse.fill_(float("inf"))
+    K_swa.banded_fwd(H, G, Kd, V, W, KS, KC, tl_dtype(q.dtype), scale, **K_swa.pick_config(G, Kd, V))(
+        q, k, v, gate, qseq.offsets, qseq.tok_seq, kseq.offsets, o, og, lse)
     return o, og, lse
 
 
-def sliding_bwd(q, k, v, gate, o, lse, dog, window_size: int, scale: float, seq: SeqInfo):
-    B, T, HQ, Kd = q.shape
+def banded_bwd(q, k, v, gate, o, lse, dog, W: int, KS: int, KC: int, scale: float, qseq: SeqInfo, kseq: SeqInfo):
+    """Gradients of og = gate·o: (dq, dk, dv, dgate)."""
+    B, Tq, HQ, Kd = q.shape
     H, V = k.shape[2], v.shape[-1]
     G = HQ // H
     dtype = tl_dtype(q.dtype)
-    dq = empty(B, T, HQ, Kd, dtype=q.dtype, device=q.device)
-    delta = empty(B, T, HQ, dtype=torch.float32, device=q.device)
-    dgate = empty(B, T, HQ, dtype=torch.float32, device=q.device)
-    K_swa.sliding_bwd_dq(H, G, Kd, V, window_size, dtype, scale, **K_swa.pick_config(G, Kd, V))(
-        q, k, v, o, dog, gate, lse, seq.offsets, seq.tok_seq, dq, delta, dgate)
-    dk = empty(B, T, H, Kd, dtype=k.dtype, device=k.device)
-    dv = empty(B, T, H, V, dtype=v.dtype, device=v.device)
-    K_swa.sliding_bwd_dkv(H, G, Kd, V, window_size, dtype, scale, **K_swa.pick_dkv_config(G, Kd, V))(
-        q, k, v, dog, gate, lse, delta, seq.offsets, seq.tok_seq, dk, dv)
+    dq = empty(B, Tq, HQ, Kd, dtype=q.dtype, device=q.device)
+    delta = empty(B, Tq, HQ, dtype=torch.float32, device=q.device)
+    dgate = empty(B, Tq, HQ, dtype=torch.float32, device=q.device)
+    dk = empty(*k.shape, dtype=k.dtype, device=k.device)
+    dv = empty(*v.shape, dtype=v.dtype, device=v.device)
+    if k.shape[1] == 0:
+        return dq.zero_(), dk, dv, (dog.float() * o.float()).sum(-1)
+    K_swa.banded_bwd_dq(H, G, Kd, V, W, KS, KC, dtype, scale, **K_swa.pick_config(G, Kd, V))(
+        q, k, v, o, dog, gate, lse, qseq.offsets, qseq.tok_seq, kseq.offsets, dq, delta, dgate)
+    K_swa.banded_bwd_dkv(H, G, Kd, V, W, KS, KC, dtype, scale, **K_swa.pick_dkv_config(G, Kd, V))(
+        q, k, v, dog, gate, lse, delta, qseq.offsets, qseq.tok_seq, kseq.offsets, kseq.tok_seq, dk, dv)
     return dq, dk, dv, dgate
 
 
@@ -56,7 +58,7 @@ class SlidingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, gate, window_size, scale, seq):
-        o, og, lse = sliding_fwd(q, k, v, gate, window_size, scale, seq)
+        o, og, lse = banded_fwd(q, k, v, gate, window_size, 1, 0, scale, seq, seq)
         ctx.save_for_backward(q, k, v, gate, o, lse)
         ctx.window_size, ctx.scale, ctx.seq = window_size, scale, seq
         return og
@@ -64,7 +66,8 @@ class SlidingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dog):
         q, k, v, gate, o, lse = ctx.saved_tensors
-        dq, dk, dv, dgate = sliding_bwd(q, k, v, gate, o, lse, dog.contiguous(), ctx.window_size, ctx.scale, ctx.seq)
+        dq, dk, dv, dgate = banded_bwd(q, k, v, gate, o, lse, dog.contiguous(), ctx.window_size, 1, 0,
+                                       ctx.scale, ctx.seq, ctx.seq)
         return dq, dk, dv, dgate.to(gate.dtype), None, None, None
 
 
@@ -97,7 +100,7 @@ def sliding_window_attention(
     """
     op = "sliding_window_attention"
     B, T, HQ, H, Kd, V = check_kernel_inputs(q, k, v, op)
-    W = min(check_positive_int(window_size, "window_size"), W_CAP)
+    W = min(check_positive_int(window_size, "window_size"), K_swa.W_CAP)
     check_gate(g_swa, "g_swa", B, T, HQ, q)
     scale = resolve_scale(scale, Kd)
     seq = SeqInfo.build(cu_seqlens, B, T, q.device)

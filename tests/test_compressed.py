@@ -1,0 +1,98 @@
+"""Compressed attention on the banded kernels (strided keys) against reference.compressed_attention.
+
+gpu: forward and gradients (q, k_cmp, v_cmp, g_cmp) for the paper's (l, d) = (32, 16), fla's
+l = d = 64 and (16, 8); G ∈ {1, 4, 16}; varlen with sequences shorter than one block; T off every
+grid; both dtypes; outputs poisoned first. compile: the strided family builds for sm_90. CPU: checks.
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import reference as R
+from kernels import sliding as K_swa
+from nsa_module import compress_mean, compressed_attention
+from reference.inputs import random_cu_seqlens, random_gates, random_qkv
+from tests.test_sliding import assert_close_rel, run_both
+
+# G, H, K, V, l, d, dtype, varlen, T
+GRID = [
+    (16, 2, 192, 128, 32, 16, torch.bfloat16, True, 1000),  # the paper's config
+    (16, 2, 128, 128, 64, 64, torch.bfloat16, False, 777),  # fla's l = d = l'
+    (1, 4, 64, 64, 16, 8, torch.float16, True, 517),
+    (4, 2, 128, 128, 32, 16, torch.float16, False, 333),
+]
+
+
+def grid_id(c):
+    G, H, K, V, l, d, dtype, varlen, T = c
+    return f"G{G}-H{H}-K{K}V{V}-l{l}d{d}-{str(dtype)[6:]}-{'varlen' if varlen else 'B2'}-T{T}"
+
+
+@pytest.fixture(scope="module")
+def compiled_grid():
+    fams = {(c[1], c[0], c[2], c[3], K_swa.W_CAP, c[5], c[4] - 1, str(c[6])[6:], c[2] ** -0.5) for c in GRID}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda f: K_swa.banded_kernels(*f), fams))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GRID, ids=[grid_id(c) for c in GRID])
+def test_compressed_matches_reference(case, compiled_grid, poison_outputs):
+    G, H, K, V, l, d, dtype, varlen, T = case
+    B = 1 if varlen else 2
+    # varlen: one sequence shorter than l sees no compressed key at all
+    cu = torch.tensor([0, l // 2, 300, T], device="cuda") if varlen else None
+    q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device="cuda", seed=3)
+    g = random_gates(B, T, G * H, dtype=dtype, device="cuda", seed=4)
+    k_cmp, v_cmp = R.compress_kv(k, v, l, d, cu_seqlens=cu)
+    ours, ref = run_both(lambda q, kc, vc, g: compressed_attention(q, kc, vc, l, d, None, cu, g),
+                         lambda q, kc, vc, g: R.compressed_attention(q, kc, vc, l, d, None, cu)[0] * g[..., None],
+                         [q, k_cmp, v_cmp, g])
+    assert_close_rel(ours, ref, ["o", "dq", "dk_cmp", "dv_cmp", "dg"], dtype)
+
+
+@pytest.mark.gpu
+def test_compress_mean_then_attention_is_differentiable_end_to_end():
+    T, G, H, K, l, d = 300, 4, 2, 64, 32, 16
+    q, k, v = random_qkv(1, T, G * H, H, K, K, dtype=torch.bfloat16, device="cuda", seed=5, requires_grad=True)
+    o = compressed_attention(q, *compress_mean(k, v, l, d), l, d)
+    o.float().square().sum().backward()
+    assert all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in (q, k, v))
+    assert (o[:, : l - 1] == 0).all(), "tokens before the first compressed block ends see nothing"
+
+
+FAMILIES = [(2, 16, 192, 128, 32, 16, "bfloat16"), (4, 1, 64, 64, 64, 64, "float16")]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f"compressed-H{f[0]}-G{f[1]}-K{f[2]}V{f[3]}-l{f[4]}d{f[5]}-{f[6]}")
+def test_compile_compressed(fam, sm90_target):
+    H, G, K, V, l, d, dtype = fam
+    for kern in K_swa.banded_kernels(H, G, K, V, K_swa.W_CAP, d, l - 1, dtype, K ** -0.5):
+        assert "__global__" in kern.get_kernel_source()
+
+
+def _cpu(**over):
+    q, k, v = random_qkv(1, 96, 4, 2, 64, 64, dtype=torch.bfloat16)
+    k_cmp, v_cmp = R.compress_kv(k, v, 32, 16)
+    args = dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp, compress_block=32, compress_stride=16, scale=None,
+                cu_seqlens=None, g_cmp=None)
+    args.update(over)
+    return args
+
+
+BAD = [
+    ("cpu tensors", {}, ValueError, "CUDA"),
+    ("stride does not divide block", dict(compress_stride=12), ValueError, "divide"),
+    ("wrong number of compressed tokens", dict(compress_stride=8), ValueError, "compressed tokens"),
+    ("k_cmp head dim", dict(k_cmp=torch.zeros(1, 5, 2, 32, dtype=torch.bfloat16)), ValueError, "k_cmp must be"),
+    ("gate shape", dict(g_cmp=torch.rand(1, 96, 2)), ValueError, "g_cmp"),
+    ("float32", dict(q=torch.randn(1, 96, 4, 64)), TypeError, "one dtype"),
+]
+
+
+@pytest.mark.parametrize("name,over,exc,msg", BAD, ids=[b[0] for b in BAD])
+def test_compressed_bad_input_raises(name, over, exc, msg):
+    with pytest.raises(exc, match=msg):
+        compressed_attention(**_cpu(**over))
