@@ -33,17 +33,19 @@ def compressed_layout(lengths: tuple, l: int, d: int, device: str) -> SeqInfo:
 
 
 class CompressedAttentionFunction(torch.autograd.Function):
-    """og = gate·compressed_attention(q, k_cmp, v_cmp)."""
+    """(og, lse) = (gate·compressed_attention(q, k_cmp, v_cmp), its base-2 LSE); the LSE, which the
+    top-n selection reuses, carries no gradient."""
 
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, gate, l, d, scale, qseq, kseq):
         o, og, lse = banded_fwd(q, k_cmp, v_cmp, gate, W_CAP, d, l - 1, scale, qseq, kseq)
         ctx.save_for_backward(q, k_cmp, v_cmp, gate, o, lse)
         ctx.args = (l, d, scale, qseq, kseq)
-        return og
+        ctx.mark_non_differentiable(lse)
+        return og, lse
 
     @staticmethod
-    def backward(ctx, dog):
+    def backward(ctx, dog, _dlse):
         q, k_cmp, v_cmp, gate, o, lse = ctx.saved_tensors
         l, d, scale, qseq, kseq = ctx.args
         dq, dk, dv, dgate = banded_bwd(q, k_cmp, v_cmp, gate, o, lse, dog.contiguous(), W_CAP, d, l - 1,
@@ -107,8 +109,9 @@ def compressed_attention(
     check_cuda(q, op)
     gate = (torch.ones(B, T, HQ, dtype=q.dtype, device=q.device) if g_cmp is None
             else g_cmp.to(q.dtype).contiguous())
-    return CompressedAttentionFunction.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), gate,
-                                             l, d, scale, qseq, kseq)
+    og, _ = CompressedAttentionFunction.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), gate,
+                                              l, d, scale, qseq, kseq)
+    return og
 
 
 def compress_mean(k: torch.Tensor, v: torch.Tensor, compress_block: int, compress_stride: int,

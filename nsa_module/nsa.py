@@ -1,0 +1,80 @@
+"""The whole NSA attention in one call: compression, compressed attention, top-n selection, selected
+and sliding branches, gated and summed (paper Eq. 5), differentiable end to end."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from reference.checks import check_compression, check_gate, check_positive_int
+
+from .common import SeqInfo, check_cuda, check_kernel_block_size, check_kernel_inputs, resolve_scale
+from .compressed import CompressedAttentionFunction, compress_mean, compressed_layout
+from .sliding import selected_sliding_attention
+from .topk import select_blocks
+
+
+def nsa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_cmp: Optional[torch.Tensor] = None,
+    g_slc: Optional[torch.Tensor] = None,
+    g_swa: Optional[torch.Tensor] = None,
+    block_indices: Optional[torch.Tensor] = None,
+    block_counts: Union[int, torch.Tensor] = 16,
+    block_size: int = 64,
+    window_size: int = 0,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    compress_block: int = 32,
+    compress_stride: int = 16,
+    return_block_indices: bool = False,
+):
+    r"""Native Sparse Attention: g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa on TileLang kernels.
+
+    Args:
+        q, k, v: `[B, T, HQ, K]`, `[B, T, H, K]`, `[B, T, H, V]`, float16/bfloat16 on CUDA.
+        g_cmp, g_slc, g_swa: gates `[B, T, HQ]`; None means 1 (fla's parallel_nsa instead drops the
+            compressed branch when g_cmp is None).
+        block_indices: `[B, T, H, S]` to skip the selection; else the top `block_counts` blocks of
+            size `block_size` (l') are chosen from the compressed attention (not differentiable).
+        block_counts: n, an int >= 3 when selecting; with given block_indices, anything
+            `selected_attention` takes.
+        block_size: l', the selection block (16 … 256); window_size: W, 0 for no sliding branch.
+        compress_block, compress_stride: l and d of the mean-pooled compression (d | l, d | l').
+        cu_seqlens: `[N+1]` packed sequences (B = 1).
+        return_block_indices: also return the indices used.
+
+    Returns:
+        o `[B, T, HQ, V]` (and block_indices `[B, T, H, n]` int32 when asked).
+    """
+    op = "nsa"
+    B, T, HQ, H, Kd, V = check_kernel_inputs(q, k, v, op)
+    check_kernel_block_size(block_size, op)
+    check_compression(compress_block, compress_stride, block_size)
+    check_gate(g_cmp, "g_cmp", B, T, HQ, q)
+    check_positive_int(window_size, "window_size", minimum=0)
+    if block_indices is None:
+        if isinstance(block_counts, bool) or not isinstance(block_counts, int):
+            raise TypeError(f"block_counts must be an int (blocks per token) when selecting, got {type(block_counts).__name__}")
+        check_positive_int(block_counts, "block_counts", minimum=3)
+    scale = resolve_scale(scale, Kd)
+    l, d = compress_block, compress_stride
+    qseq = SeqInfo.build(cu_seqlens, B, T, q.device)
+    kseq = compressed_layout(tuple(qseq.lengths), l, d, str(q.device))
+    check_cuda(q, op)
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    k_cmp, v_cmp = compress_mean(k, v, l, d, cu_seqlens)
+    gate = torch.ones(B, T, HQ, dtype=q.dtype, device=q.device) if g_cmp is None else g_cmp.to(q.dtype).contiguous()
+    o_cmp, lse_cmp = CompressedAttentionFunction.apply(q, k_cmp.contiguous(), v_cmp.contiguous(), gate,
+                                                       l, d, scale, qseq, kseq)
+    counts = block_counts
+    if block_indices is None:
+        with torch.no_grad():
+            block_indices = select_blocks(q, k_cmp, lse_cmp, block_counts, l, d, block_size, scale, qseq, kseq)
+        counts = None
+    o = o_cmp + selected_sliding_attention(q, k, v, block_indices, counts, block_size, window_size, scale,
+                                           cu_seqlens, g_slc, g_swa)
+    return (o, block_indices) if return_block_indices else o

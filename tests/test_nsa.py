@@ -1,0 +1,107 @@
+"""The whole nsa() call and its top-n selection: kernels against reference.naive_nsa_full.
+
+gpu: block ids against reference.select_blocks (equal, except between blocks whose reference
+scores differ by float rounding: either order is accepted there, and the test says how many rows
+that was), then output and every gradient against the reference run with the same ids, for the
+paper config (l=32, d=16, l'=64, n=16, W=512, G=16, K=192, V=128), fla's l = d = l' = 64, G in
+{1, 4, 16}, varlen with uneven lengths, T off every block grid. compile: the score kernel builds
+for sm_90. CPU: the row-wise selection against the reference (ties included) and the tiling.
+"""
+import pytest
+import torch
+
+import reference as R
+from kernels import topk as K_topk
+from nsa_module import nsa
+from nsa_module.common import SeqInfo
+from nsa_module.topk import query_tiles, select_from_scores
+from reference.inputs import random_cu_seqlens, random_gates, random_qkv
+from tests.test_sliding import assert_close_rel, run_both
+
+# G, H, K, V, l, d, l', n, W, dtype, varlen, T
+CASES = [
+    (16, 2, 192, 128, 32, 16, 64, 16, 512, torch.bfloat16, True, 2000),  # the paper's config
+    (16, 2, 128, 128, 64, 64, 64, 16, 0, torch.bfloat16, False, 1500),  # fla's simplified config
+    (1, 4, 64, 64, 32, 16, 64, 8, 64, torch.float16, True, 1000),
+    (4, 2, 128, 128, 16, 8, 32, 5, 100, torch.bfloat16, False, 777),
+]
+
+
+def case_id(c):
+    G, H, K, V, l, d, ls, n, W, dtype, varlen, T = c
+    return f"G{G}-K{K}V{V}-l{l}d{d}ls{ls}-n{n}-W{W}-{str(dtype)[6:]}-{'varlen' if varlen else 'B2'}-T{T}"
+
+
+def reference_selection(q, k, l, d, ls, n, cu):
+    """Reference ids and the reference block scores they came from (float32 from the same inputs)."""
+    H = k.shape[2]
+    k_cmp, v_cmp = R.compress_kv(k.float(), k.float(), l, d, cu_seqlens=cu)
+    _, p_cmp = R.compressed_attention(q.float(), k_cmp, v_cmp, l, d, cu_seqlens=cu)
+    p_slc = R.selection_scores(p_cmp, l, d, ls, H, cu)
+    return R.select_blocks(p_slc, n, ls, cu), p_slc
+
+
+def check_selection(ours, ref, p_slc, tol=5e-3):
+    """Equal ids, or different only among blocks whose reference scores tie within tol·(row max)."""
+    ours, ref = ours.long(), ref.long()
+    diff = (ours.sort(-1).values != ref.sort(-1).values).any(-1)
+    rows = diff.nonzero().tolist()
+    for b, t, h in rows:
+        a, r = set(ours[b, t, h].tolist()) - {-1}, set(ref[b, t, h].tolist()) - {-1}
+        s = p_slc[b, t, h]
+        worst_taken = min(s[i].item() for i in a - r)
+        best_missed = max(s[i].item() for i in r - a)
+        assert best_missed - worst_taken <= tol * s.max().item(), (b, t, h, sorted(a), sorted(r))
+    assert len(rows) <= 0.01 * diff.numel(), f"{len(rows)} rows differ"
+    return len(rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_nsa_matches_reference(case, poison_outputs):
+    G, H, K, V, l, d, ls, n, W, dtype, varlen, T = case
+    B = 1 if varlen else 2
+    cu = random_cu_seqlens(T, 3, min_len=ls + 5, seed=7, device="cuda") if varlen else None
+    q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device="cuda", seed=7)
+    gates = [random_gates(B, T, G * H, dtype=dtype, device="cuda", seed=s) for s in (8, 9, 10)]
+    _, idx = nsa(q, k, v, *gates, block_counts=n, block_size=ls, window_size=W, cu_seqlens=cu,
+                 compress_block=l, compress_stride=d, return_block_indices=True)
+    ref_idx, p_slc = reference_selection(q, k, l, d, ls, n, cu)
+    n_tied = check_selection(idx, ref_idx, p_slc)
+    print(f"rows whose ids differ only between tied blocks: {n_tied}")
+    ours, ref = run_both(
+        lambda q, k, v, g1, g2, g3: nsa(q, k, v, g1, g2, g3, block_indices=idx, block_counts=n, block_size=ls,
+                                        window_size=W, cu_seqlens=cu, compress_block=l, compress_stride=d),
+        lambda q, k, v, g1, g2, g3: R.naive_nsa_full(q, k, v, g1, g2, g3, None, ls, W, l, d, cu_seqlens=cu,
+                                                     block_indices=idx)[0],
+        [q, k, v, *gates])
+    assert_close_rel(ours, ref, ["o", "dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"], dtype)
+
+
+FAMILIES = [(2, 16, 192, 32, 16, 64, "bfloat16"), (4, 1, 64, 64, 64, 64, "float16")]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f"nsa-topk-H{f[0]}-G{f[1]}-K{f[2]}-l{f[3]}d{f[4]}ls{f[5]}-{f[6]}")
+def test_compile_nsa_block_scores(fam, sm90_target):
+    H, G, K, l, d, ls, dtype = fam
+    kern = K_topk.block_scores(H, G, K, l, d, ls, dtype, K ** -0.5, **K_topk.pick_config(G, K, l, d, ls))
+    assert "__global__" in kern.get_kernel_source()
+
+
+@pytest.mark.parametrize("T,ls,n,varlen", [(300, 16, 5, False), (200, 32, 3, False), (97, 8, 16, False), (250, 16, 4, True)])
+def test_select_from_scores_equals_reference(T, ls, n, varlen):
+    """Integer scores make many exact ties: the tie rule (lower id first) must match exactly."""
+    g = torch.Generator().manual_seed(T)
+    B = 1 if varlen else 2
+    cu = random_cu_seqlens(T, 3, min_len=10, seed=T) if varlen else None
+    lens = [T] if cu is None else torch.diff(cu).tolist()
+    NS = -(-max(lens) // ls)
+    scores = torch.randint(0, 4, (B, T, 3, NS), generator=g).float()
+    ref = R.select_blocks(scores, n, ls, cu)
+    assert torch.equal(select_from_scores(scores, n, ls, SeqInfo.build(cu, B, T, "cpu")), ref.int())
+
+
+def test_query_tiles_never_straddle_sequences():
+    # sequences of 5, 9 and 3 tokens, tiles of 4: [0, 4) [4, 5) | [5, 9) [9, 13) [13, 14) | [14, 17)
+    assert query_tiles((5, 9, 3), 4, "cpu").tolist() == [0, 4, 5, 9, 13, 14]
