@@ -315,6 +315,8 @@ def compressed_branch(
     Tq, HQ, _ = q.shape
     Nc, H, _ = k_cmp.shape
     G = HQ // H
+    if Nc == 0:  # a sequence shorter than one compressed block: nothing to see
+        return q.new_zeros(Tq, HQ, v_cmp.shape[-1]), q.new_zeros(Tq, HQ, 0)
     if positions is None:
         positions = torch.arange(Tq, device=q.device)
     ends = torch.arange(Nc, device=q.device) * d + l - 1
@@ -422,6 +424,7 @@ def selection_scores(
     l_sel: int,
     num_kv_heads: int,
     cu_seqlens: Optional[torch.Tensor] = None,
+    num_blocks: Optional[int] = None,
 ) -> torch.Tensor:
     """Importance of each selection block (Eqs. 9–10).
 
@@ -430,9 +433,10 @@ def selection_scores(
         l, d, l_sel: compression block, stride and selection block size l' (d | l, d | l').
         num_kv_heads: H; the G = HQ // H heads of a group are summed (Eq. 10).
         cu_seqlens: `[N+1]` packed sequences; fixes the number of selection blocks by the longest one.
+        num_blocks: Ns when the queries are not the whole sequence (decoding: ⌈(t+1) / l'⌉).
 
     Returns:
-        p_slc `[B, T, H, Ns]` with Ns = ⌈T_max / l'⌉ (float32/64).
+        p_slc `[B, T, H, Ns]` with Ns = ⌈T_max / l'⌉ unless given (float32/64).
     """
     check_tensor(p_cmp, "p_cmp", 4, "[B, T, HQ, Nc]")
     check_compression(l, d, l_sel)
@@ -442,7 +446,7 @@ def selection_scores(
         raise ValueError(f"p_cmp's heads HQ={HQ} must be a multiple of num_kv_heads={H}")
     offsets = check_cu_seqlens(cu_seqlens, B, T)
     t_max = T if offsets is None else max(e - s for s, e in zip(offsets, offsets[1:]))
-    Ns = math.ceil(t_max / l_sel)
+    Ns = math.ceil(t_max / l_sel) if num_blocks is None else check_positive_int(num_blocks, "num_blocks")
     M = overlap_matrix(l, d, l_sel, Nc, Ns, p_cmp.device, compute_dtype(p_cmp.dtype))
     p_slc = p_cmp.to(M.dtype) @ M  # [B, T, HQ, Ns]
     return rearrange(p_slc, "b t (h g) n -> b t h g n", h=H).sum(3)
@@ -453,6 +457,7 @@ def select_blocks(
     n: int,
     l_sel: int,
     cu_seqlens: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Top-n selection blocks per (token, kv head) (Eqs. 11–12).
 
@@ -465,6 +470,7 @@ def select_blocks(
         n: blocks per token (>= 3, to hold the forced ones).
         l_sel: selection block size l'.
         cu_seqlens: `[N+1]` packed sequences (positions restart at each sequence).
+        positions: `[T]` the tokens' positions when they are not 0 … T-1 (decoding).
 
     Returns:
         block_indices `[B, T, H, n]` (int64).
@@ -474,7 +480,9 @@ def select_blocks(
     check_positive_int(l_sel, "block_size (l')")
     B, T, H, Ns = p_slc.shape
     offsets = check_cu_seqlens(cu_seqlens, B, T)
-    cur = (token_positions(offsets, T, p_slc.device) // l_sel).view(1, -1, 1, 1)  # block holding t
+    if positions is None:
+        positions = token_positions(offsets, T, p_slc.device)
+    cur = (positions // l_sel).view(1, -1, 1, 1)  # block holding t
     j = torch.arange(max(Ns, n), device=p_slc.device).view(1, 1, 1, -1)
     score = torch.nn.functional.pad(p_slc.to(compute_dtype(p_slc.dtype)), (0, max(Ns, n) - Ns))
     score = score.masked_fill(j > cur, float("-inf"))

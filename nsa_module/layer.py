@@ -1,0 +1,238 @@
+"""NativeSparseAttention: the drop-in attention layer (paper §3), for training and generation.
+
+Shared query projection; keys and values projected separately for each branch (paper §3.3.3; one
+shared pair as an option); RoPE on queries and keys; a learnable compression φ (an MLP over the l
+tokens of a block plus an intra-block position embedding, Eq. 7; mean pooling as an option); a gate
+MLP giving each head's three branch gates through a sigmoid (softmax as an option); the output
+projection. On CUDA with fp16/bf16 the branches run on the TileLang kernels, elsewhere on the
+reference, with the same results within tolerance.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+import reference as R
+from reference import naive as RN
+from reference.checks import check_compression, check_cu_seqlens, check_positive_int, seq_ranges
+
+from .cache import NSACache
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half) of x `[B, T, H, D]` at positions `[T]`, computed in float32."""
+    D = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    ang = positions.to(torch.float32)[:, None] * inv[None, :]  # [T, D/2]
+    cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+    x1, x2 = x.float()[..., : D // 2], x.float()[..., D // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+class CompressionMLP(nn.Module):
+    """φ of Eq. 7: blocks `[..., l, D]` -> `[..., D]` through a linear map of the flattened block plus
+    a learned intra-block position embedding. Starts as mean pooling (zero embedding, weights 1/l)."""
+
+    def __init__(self, l: int, D: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(l, D))
+        self.proj = nn.Linear(l * D, D, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(D).repeat(1, l) / l)
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        x = (blocks + self.pos.to(blocks.dtype)).flatten(-2)
+        return self.proj(x.to(self.proj.weight.dtype)).to(blocks.dtype)
+
+
+class NativeSparseAttention(nn.Module):
+    r"""NSA attention layer.
+
+    Args:
+        hidden_size: model width.
+        num_heads: query heads HQ; num_kv_heads: H (HQ % H == 0; one index set per kv head).
+        head_dim: K, the query/key dim; v_head_dim: V (default K; e.g. 192/128 as in the paper).
+        compress_block, compress_stride: l and d of the compressed branch (d | l, d | l').
+        block_size: l', the selection block; block_counts: n, blocks selected per token (>= 3).
+        window_size: W of the sliding branch (0: no sliding branch).
+        rope_theta: RoPE base.
+        shared_kv: one key/value projection for all branches instead of one per branch.
+        compression: "mlp" (learnable φ) or "mean".
+        gate: "sigmoid" (the paper) or "softmax" over the three branches.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 v_head_dim: Optional[int] = None, compress_block: int = 32, compress_stride: int = 16,
+                 block_size: int = 64, block_counts: int = 16, window_size: int = 512,
+                 rope_theta: float = 10000.0, shared_kv: bool = False, compression: str = "mlp",
+                 gate: str = "sigmoid"):
+        super().__init__()
+        for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                          ("head_dim", head_dim)):
+            check_positive_int(val, name)
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        if head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+        check_compression(compress_block, compress_stride, block_size)
+        check_positive_int(block_counts, "block_counts", minimum=3)
+        check_positive_int(window_size, "window_size", minimum=0)
+        if compression not in ("mlp", "mean"):
+            raise ValueError(f"compression must be 'mlp' or 'mean', got {compression!r}")
+        if gate not in ("sigmoid", "softmax"):
+            raise ValueError(f"gate must be 'sigmoid' or 'softmax', got {gate!r}")
+        self.HQ, self.H, self.K = num_heads, num_kv_heads, head_dim
+        self.V = head_dim if v_head_dim is None else check_positive_int(v_head_dim, "v_head_dim")
+        self.l, self.d, self.l_sel, self.n, self.W = compress_block, compress_stride, block_size, block_counts, window_size
+        self.theta, self.shared_kv, self.gate_act = rope_theta, shared_kv, gate
+        self.scale = self.K ** -0.5
+        self.q_proj = nn.Linear(hidden_size, self.HQ * self.K, bias=False)
+        branches = ["all"] if shared_kv else ["cmp", "slc"] + (["swa"] if window_size > 0 else [])
+        self.k_proj = nn.ModuleDict({b: nn.Linear(hidden_size, self.H * self.K, bias=False) for b in branches})
+        self.v_proj = nn.ModuleDict({b: nn.Linear(hidden_size, self.H * self.V, bias=False) for b in branches})
+        self.phi_k = CompressionMLP(self.l, self.K) if compression == "mlp" else None
+        self.phi_v = CompressionMLP(self.l, self.V) if compression == "mlp" else None
+        self.gate_proj = nn.Linear(hidden_size, self.HQ * 3, bias=True)
+        self.o_proj = nn.Linear(self.HQ * self.V, hidden_size, bias=False)
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def _phi(self):
+        return "mean" if self.phi_k is None else (self.phi_k, self.phi_v)
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """q `[B, T, HQ, K]` and per-branch (k, v) `[B, T, H, K/V]` with RoPE, gates `[B, T, HQ]` ×3."""
+        B, T, _ = x.shape
+        q = rope(self.q_proj(x).view(B, T, self.HQ, self.K), positions, self.theta)
+        kv = {}
+        for b in ("cmp", "slc", "swa"):
+            src = "all" if self.shared_kv else b
+            if src in self.k_proj:
+                k = rope(self.k_proj[src](x).view(B, T, self.H, self.K), positions, self.theta)
+                kv[b] = (k, self.v_proj[src](x).view(B, T, self.H, self.V))
+        g = self.gate_proj(x).view(B, T, self.HQ, 3)
+        g = torch.sigmoid(g) if self.gate_act == "sigmoid" else torch.softmax(g.float(), -1).to(g.dtype)
+        return q, kv, g.unbind(-1)
+
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+    def _attend(self, q, kv, gates, cu_seqlens):
+        """All three branches over whole sequences: `[B, T, HQ, V]`."""
+        g_cmp, g_slc, g_swa = gates
+        k_c, v_c = kv["cmp"]
+        k_cmp, v_cmp = R.compress_kv(k_c, v_c, self.l, self.d, self._phi(), cu_seqlens)
+        if self._use_kernels(q):
+            from .compressed import CompressedAttentionFunction, compressed_layout
+            from .common import SeqInfo
+            from .selected import selected_attention
+            from .sliding import sliding_window_attention
+            from .topk import select_blocks
+
+            B, T = q.shape[:2]
+            qseq = SeqInfo.build(cu_seqlens, B, T, q.device)
+            kseq = compressed_layout(tuple(qseq.lengths), self.l, self.d, str(q.device))
+            o, lse = CompressedAttentionFunction.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(),
+                                                       g_cmp.contiguous(), self.l, self.d, self.scale, qseq, kseq)
+            with torch.no_grad():
+                idx = select_blocks(q.contiguous(), k_cmp.contiguous(), lse, self.n, self.l, self.d, self.l_sel,
+                                    self.scale, qseq, kseq)
+            o = o + selected_attention(q, *kv["slc"], idx, None, self.l_sel, self.scale, cu_seqlens, g_slc)
+            if self.W > 0:
+                o = o + sliding_window_attention(q, *kv["swa"], self.W, self.scale, cu_seqlens, g_swa)
+            return o
+        o_cmp, p_cmp = R.compressed_attention(q, k_cmp, v_cmp, self.l, self.d, self.scale, cu_seqlens)
+        with torch.no_grad():
+            p_slc = R.selection_scores(p_cmp, self.l, self.d, self.l_sel, self.H, cu_seqlens)
+            idx = R.select_blocks(p_slc, self.n, self.l_sel, cu_seqlens)
+        o = o_cmp * g_cmp[..., None] + R.naive_nsa(q, *kv["slc"], g_slc, None, idx, None, self.l_sel, 0,
+                                                    self.scale, cu_seqlens)
+        if self.W > 0:
+            o = o + R.naive_nsa(q, *kv["swa"], None, g_swa, None, None, self.l_sel, self.W, self.scale, cu_seqlens)
+        return o
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                cache: Optional[NSACache] = None, use_cache: bool = False):
+        """x `[B, T, hidden]` -> (y `[B, T, hidden]`, cache or None).
+
+        Without a cache: the whole sequences (varlen with cu_seqlens, B = 1). With use_cache and no
+        cache: the same, and the returned cache holds the prompt (one cache row per sequence). With
+        a cache: one new token per cached sequence, x `[N, 1, hidden]`.
+        """
+        if x.dim() != 3:
+            raise ValueError(f"x must be [B, T, hidden], got {list(x.shape)}")
+        if cache is not None:
+            if cu_seqlens is not None or x.shape[1] != 1 or x.shape[0] != len(cache.lengths):
+                raise ValueError(f"decoding takes x [N={len(cache.lengths)}, 1, hidden] (one new token per cached "
+                                 f"sequence, no cu_seqlens), got {list(x.shape)}")
+            return self._decode(x, cache), cache
+        B, T, _ = x.shape
+        offsets = check_cu_seqlens(cu_seqlens, B, T, x)
+        positions = RN.token_positions(offsets, T, x.device)
+        q, kv, gates = self._project(x, positions)
+        o = self._attend(q, kv, gates, cu_seqlens)
+        y = self.o_proj(rearrange(o, "b t h v -> b t (h v)"))
+        return y, (self._prefill_cache(kv, offsets, B, T) if use_cache else None)
+
+    def _prefill_cache(self, kv, offsets, B, T) -> NSACache:
+        ranges = seq_ranges(offsets, B, T)
+        k_s = kv["slc"][0]
+        cache = NSACache.empty(len(ranges), self.H, self.K, self.V, self.l, self.d, self.W, self.shared_kv,
+                               dtype=k_s.dtype, device=k_s.device, capacity=max(256, T))
+        for n, (b, s, e) in enumerate(ranges):
+            self._append(cache, n, {name: (k[b, s:e], v[b, s:e]) for name, (k, v) in kv.items()})
+        return cache
+
+    def _append(self, cache: NSACache, n: int, kv) -> None:
+        """Add a sequence's new raw keys/values, then emit every compressed token now complete."""
+        cache.slc_k.append(n, kv["slc"][0])
+        cache.slc_v.append(n, kv["slc"][1])
+        if not self.shared_kv:
+            cache.cmp_k.append(n, kv["cmp"][0])
+            cache.cmp_v.append(n, kv["cmp"][1])
+        if self.W > 0:
+            cache.swa_k.append(n, kv["swa"][0])
+            cache.swa_v.append(n, kv["swa"][1])
+        have, want = cache.num_compressed(n), cache.expected_compressed(cache.cmp_k.lengths[n])
+        if want > have:  # tokens have*d … (want-1)*d + l - 1 make the new compressed tokens
+            lo, hi = have * self.d, (want - 1) * self.d + self.l
+            k_new, v_new = R.compress_kv(cache.cmp_k.get(n)[None, lo:hi], cache.cmp_v.get(n)[None, lo:hi],
+                                         self.l, self.d, self._phi())
+            cache.ckv_k.append(n, k_new[0])
+            cache.ckv_v.append(n, v_new[0])
+
+    def _decode(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
+        """One new token per sequence, on the reference functions (the decode kernels come later)."""
+        N = x.shape[0]
+        outs = []
+        for n in range(N):
+            t = cache.lengths[n]
+            pos = torch.tensor([t], device=x.device)
+            q, kv, (g_cmp, g_slc, g_swa) = self._project(x[n:n + 1], pos)
+            self._append(cache, n, {name: (k[0], v[0]) for name, (k, v) in kv.items()})
+            cdt = RN.compute_dtype(q.dtype)
+            qf = q[0].to(cdt)  # [1, HQ, K]
+            kc, vc = cache.ckv_k.get(n).to(cdt), cache.ckv_v.get(n).to(cdt)
+            o_cmp, p_cmp = RN.compressed_branch(qf, kc, vc, self.l, self.d, self.scale, positions=pos)
+            p_slc = R.selection_scores(p_cmp[None], self.l, self.d, self.l_sel, self.H, num_blocks=t // self.l_sel + 1)
+            idx = R.select_blocks(p_slc, self.n, self.l_sel, positions=pos)[0]  # [1, H, n]
+            ks, vs = cache.slc_k.get(n).to(cdt), cache.slc_v.get(n).to(cdt)
+            counts = torch.full((1, self.H), self.n, device=x.device)
+            o = (o_cmp * g_cmp[0, :, :, None].to(cdt)
+                 + RN.selected_branch(qf, ks, vs, idx, counts, self.l_sel, self.scale, positions=pos)
+                 * g_slc[0, :, :, None].to(cdt))
+            reads = kc.shape[0] + sum(min(self.l_sel, t + 1 - i * self.l_sel) for i in idx[0, 0].tolist() if i >= 0)
+            if self.W > 0:
+                kw, vw = cache.swa_k.get(n).to(cdt), cache.swa_v.get(n).to(cdt)
+                o = o + RN.sliding_branch(qf, kw, vw, self.W, self.scale,
+                                          positions=torch.tensor([kw.shape[0] - 1], device=x.device)) * g_swa[0, :, :, None].to(cdt)
+                reads += kw.shape[0]
+            cache.reads[n] = reads
+            outs.append(o.to(x.dtype))
+        o = torch.stack(outs, 0)  # [N, 1, HQ, V]
+        return self.o_proj(rearrange(o, "b t h v -> b t (h v)"))

@@ -1,0 +1,140 @@
+"""NativeSparseAttention and its decode cache, on the reference path (CPU) and the kernels (gpu)."""
+import copy
+
+import pytest
+import torch
+
+import reference as R
+from nsa_module.cache import RingBuffer
+from nsa_module.layer import NativeSparseAttention
+from reference.inputs import random_cu_seqlens
+from tests.test_selected import rel_err
+
+SMALL = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, compress_block=8, compress_stride=4,
+             block_size=8, block_counts=3, window_size=6)
+
+
+def layer(**over):
+    torch.manual_seed(0)
+    return NativeSparseAttention(**{**SMALL, **over})
+
+
+@pytest.mark.parametrize("over", [{}, dict(shared_kv=True), dict(compression="mean"), dict(gate="softmax"),
+                                  dict(v_head_dim=8), dict(window_size=0), dict(num_kv_heads=4)],
+                         ids=["default", "shared_kv", "mean", "softmax", "K!=V", "no-window", "G1"])
+def test_prefill_then_decode_equals_full_forward(over):
+    m = layer(**over)
+    x = torch.randn(2, 45, SMALL["hidden_size"])
+    y, none = m(x)
+    assert y.shape == x.shape and none is None
+    P = 13
+    y_pre, cache = m(x[:, :P], use_cache=True)
+    torch.testing.assert_close(y_pre, y[:, :P], atol=1e-6, rtol=1e-6)
+    steps = []
+    for t in range(P, x.shape[1]):
+        y_t, cache = m(x[:, t:t + 1], cache=cache)
+        steps.append(y_t)
+        # the compressed stream grows exactly when a block completes: ⌊(t+1-l)/d⌋+1 tokens after t+1
+        l, d = SMALL["compress_block"], SMALL["compress_stride"]
+        assert all(cache.num_compressed(b) == (0 if t + 1 < l else (t + 1 - l) // d + 1) for b in range(2))
+    torch.testing.assert_close(torch.cat(steps, 1), y[:, P:], atol=1e-5, rtol=1e-5)
+
+
+def test_cached_compressed_stream_equals_compressing_the_whole_sequence():
+    m = layer()
+    x = torch.randn(1, 37, SMALL["hidden_size"])
+    _, cache = m(x[:, :5], use_cache=True)
+    for t in range(5, 37):
+        _, cache = m(x[:, t:t + 1], cache=cache)
+    positions = torch.arange(37)
+    _, kv, _ = m._project(x, positions)
+    k_cmp, v_cmp = R.compress_kv(*kv["cmp"], m.l, m.d, m._phi())
+    torch.testing.assert_close(cache.ckv_k.get(0), k_cmp[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cache.ckv_v.get(0), v_cmp[0], atol=1e-6, rtol=1e-6)
+
+
+def test_batch_of_different_lengths_decodes_like_each_sequence_alone():
+    m = layer()
+    T = 60
+    cu = random_cu_seqlens(T, 3, min_len=9, seed=3)
+    x = torch.randn(1, T, SMALL["hidden_size"])
+    extra = torch.randn(3, 4, SMALL["hidden_size"])  # four more tokens for each sequence
+    _, cache = m(x, cu_seqlens=cu, use_cache=True)
+    assert cache.lengths == torch.diff(cu).tolist()
+    steps = [m(extra[:, i:i + 1], cache=cache)[0] for i in range(4)]
+    dec = torch.cat(steps, 1)  # [3, 4, hidden]
+    c = cu.tolist()
+    for n, (s, e) in enumerate(zip(c, c[1:])):
+        full, _ = m(torch.cat([x[:, s:e], extra[n:n + 1]], 1))
+        torch.testing.assert_close(dec[n], full[0, e - s:], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_reads_what_table_4_counts():
+    """Per step: all compressed tokens + the selected blocks' tokens + the window, at most
+    ((t+1-l)/d + 1) + n·l' + W (paper Table 4)."""
+    m = layer()
+    x = torch.randn(1, 80, SMALL["hidden_size"])
+    _, cache = m(x[:, :1], use_cache=True)
+    l, d, ls, n, W = m.l, m.d, m.l_sel, m.n, m.W
+    for t in range(1, 80):
+        _, cache = m(x[:, t:t + 1], cache=cache)
+        bound = ((t + 1 - l) // d + 1 if t + 1 >= l else 0) + n * ls + W
+        assert cache.reads[0] <= bound
+        assert cache.reads[0] >= cache.num_compressed(0) + min(W, t + 1)
+
+
+def test_layer_trains():
+    m = layer()
+    x = torch.randn(2, 40, SMALL["hidden_size"])
+    y, _ = m(x)
+    y.square().mean().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert m.phi_k.pos.grad.abs().sum() > 0 and m.gate_proj.weight.grad.abs().sum() > 0
+
+
+def test_ring_buffer_keeps_the_last_W_in_order():
+    rb = RingBuffer(1, 4, 1, 1, torch.float32, "cpu")
+    seen = []
+    for chunk in ([0, 1, 2], [3], [4, 5, 6, 7, 8, 9], [10]):
+        rb.append(0, torch.tensor(chunk, dtype=torch.float32).view(-1, 1, 1))
+        seen += chunk
+        assert rb.get(0).flatten().tolist() == seen[-4:]
+
+
+@pytest.mark.parametrize("over,exc,msg", [
+    (dict(num_heads=6, num_kv_heads=4), ValueError, "multiple of num_kv_heads"),
+    (dict(compress_stride=3), ValueError, "divide"),
+    (dict(block_counts=2), ValueError, "block_counts"),
+    (dict(window_size=-1), ValueError, "window_size"),
+    (dict(compression="conv"), ValueError, "compression"),
+    (dict(gate="relu"), ValueError, "gate"),
+    (dict(head_dim=15), ValueError, "even"),
+    (dict(hidden_size=0), ValueError, "hidden_size"),
+])
+def test_bad_layer_arguments_raise(over, exc, msg):
+    with pytest.raises(exc, match=msg):
+        layer(**over)
+
+
+def test_bad_decode_input_raises():
+    m = layer()
+    _, cache = m(torch.randn(2, 10, SMALL["hidden_size"]), use_cache=True)
+    with pytest.raises(ValueError, match="one new token per cached"):
+        m(torch.randn(2, 2, SMALL["hidden_size"]), cache=cache)
+    with pytest.raises(ValueError, match="one new token per cached"):
+        m(torch.randn(3, 1, SMALL["hidden_size"]), cache=cache)
+
+
+@pytest.mark.gpu
+def test_layer_kernels_match_reference_path():
+    """bf16 on CUDA (TileLang kernels) against the same weights in float32 on the CPU (reference)."""
+    cfg = dict(hidden_size=256, num_heads=16, num_kv_heads=2, head_dim=64, compress_block=32,
+               compress_stride=16, block_size=64, block_counts=4, window_size=64)
+    torch.manual_seed(0)
+    m_cpu = NativeSparseAttention(**cfg)
+    m_gpu = copy.deepcopy(m_cpu).cuda().to(torch.bfloat16)
+    x = torch.randn(1, 700, 256)
+    y_ref, _ = m_cpu(x)
+    y, _ = m_gpu(x.cuda().to(torch.bfloat16))
+    assert rel_err(y.cpu(), y_ref) <= 1e-2
