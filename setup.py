@@ -12,6 +12,7 @@ setup(
         "einops",
         "numpy",
         "matplotlib",
+        "tqdm",  # progress bars of the examples' training and decoding loops
     ],
     extras_require={"test": ["pytest"]},
 )

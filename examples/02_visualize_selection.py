@@ -1,0 +1,120 @@
+"""What NSA's selection sees: the picture of the paper's Figure 2 (right) on a structured sequence.
+
+The sequence is made of topics: runs of tokens whose queries and keys share a topic vector, so a
+token attends to earlier tokens of its own topic. Figures (in --out):
+  selection_maps.png      compressed-attention probabilities p_cmp and block scores p_slc of one
+                          head group, with the selected blocks overlaid (white dots)
+  selection_distance.png  how far back the selected blocks are (in blocks from the query's own)
+  gate_histograms.png     the three branch gates of an (untrained) NativeSparseAttention layer
+
+    python examples/02_visualize_selection.py [--T 512] [--device cpu]
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import reference as R  # noqa: E402
+from nsa_module import NativeSparseAttention  # noqa: E402
+
+
+def topic_sequence(T: int, topics: int, dim: int, g: torch.Generator):
+    """Topic id per token (runs of random length) and q = k = topic vector + noise `[1, T, 1, dim]`."""
+    ids, t = [], 0
+    while t < T:
+        run = int(torch.randint(16, 80, (1,), generator=g))
+        ids += [int(torch.randint(0, topics, (1,), generator=g))] * run
+        t += run
+    ids = torch.tensor(ids[:T])
+    vec = torch.randn(topics, dim, generator=g) * 2.0
+    x = vec[ids] + 0.3 * torch.randn(T, dim, generator=g)
+    return ids, x[None, :, None, :]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, default=512)
+    ap.add_argument("--G", type=int, default=4, help="query heads per kv head")
+    ap.add_argument("--n", type=int, default=6, help="selected blocks per token")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = torch.Generator().manual_seed(0)
+    T, G, D, l, d, ls = args.T, args.G, 32, 16, 8, 32
+    topic, x = topic_sequence(T, 6, D, g)
+    q = (x.repeat(1, 1, G, 1) + 0.2 * torch.randn(1, T, G, D, generator=g)).to(args.device)
+    k = x.to(args.device)
+    v = torch.randn(1, T, 1, D, generator=g).to(args.device)
+    k_cmp, v_cmp = R.compress_kv(k, v, l, d)
+    _, p_cmp = R.compressed_attention(q, k_cmp, v_cmp, l, d)
+    p_slc = R.selection_scores(p_cmp, l, d, ls, 1)
+    idx = R.select_blocks(p_slc, args.n, ls)
+    print(f"T={T}, G={G}, l={l}, d={d}, l'={ls}, n={args.n}: {k_cmp.shape[1]} compressed tokens, "
+          f"{p_slc.shape[-1]} selection blocks")
+
+    # -- p_cmp and p_slc with the selected blocks
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5), gridspec_kw=dict(width_ratios=[1, 12, 12]))
+    axes[0].imshow(topic[:, None].numpy(), aspect="auto", cmap="tab10", interpolation="nearest")
+    axes[0].set_title("topic")
+    axes[0].set_xticks([])
+    axes[0].set_ylabel("query token t")
+    pc = p_cmp[0, :, 0].cpu().clamp_min(1e-6).log10()
+    axes[1].imshow(pc.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    axes[1].set_title("log10 p_cmp (head 0): query × compressed block")
+    axes[1].set_xlabel(f"compressed block i (tokens i·{d} … i·{d}+{l - 1})")
+    axes[2].imshow(p_slc[0, :, 0].cpu().numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    tt, ss = torch.nonzero(idx[0, :, 0] >= 0, as_tuple=True)
+    axes[2].scatter(idx[0, tt, 0, ss].cpu(), tt, s=1.5, c="white", marker=".", linewidths=0)
+    axes[2].set_title(f"p_slc (group sum) and the {args.n} selected blocks (white)")
+    axes[2].set_xlabel(f"selection block j (tokens j·{ls} …)")
+    fig.tight_layout()
+    path = os.path.join(args.out, "selection_maps.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+    # -- how far back the selections reach
+    cur = (torch.arange(T, device=idx.device) // ls).view(1, T, 1, 1)
+    dist = (cur - idx)[idx >= 0].cpu()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(dist.numpy(), bins=range(0, int(dist.max()) + 2), color="tab:blue")
+    ax.set_xlabel("blocks between the query's own block and a selected block")
+    ax.set_ylabel("selections")
+    ax.set_title("distance to the query of the selected blocks")
+    fig.tight_layout()
+    path = os.path.join(args.out, "selection_distance.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}; selections further than the 2 local blocks: {(dist > 1).float().mean():.0%}")
+
+    # -- gates of a layer (untrained: they start near sigmoid(0) = 0.5)
+    torch.manual_seed(0)
+    layer = NativeSparseAttention(64, 4, 1, 16, compress_block=l, compress_stride=d, block_size=ls,
+                                  block_counts=args.n, window_size=64).to(args.device)
+    h = torch.randn(1, T, 64, generator=g).to(args.device)
+    with torch.no_grad():
+        _, _, gates = layer._project(h, torch.arange(T, device=args.device))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, gate in zip(["g_cmp", "g_slc", "g_swa"], gates):
+        ax.hist(gate.flatten().cpu().numpy(), bins=40, alpha=0.6, label=name)
+    ax.set_xlabel("gate value")
+    ax.set_title("branch gates of an untrained NativeSparseAttention layer")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(args.out, "gate_histograms.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
