@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_ms, fwd_bwd, plot, print_table, sdpa_provider, warm_up_gpu, write_results  # noqa: E402
+from benchmarks.common import plot, print_table, sdpa_provider, time_providers, warm_up_gpu, write_results  # noqa: E402
 from nsa_module import nsa  # noqa: E402
 
 try:
@@ -48,18 +48,7 @@ def bench_one(T, providers, HQ=64, H=4, K=128, n=16, dtype=torch.bfloat16):
     for be in ("flash", "cudnn"):
         if f"sdpa_{be}" in providers:
             fns[f"sdpa_{be}"] = sdpa_provider(q, k, v, be)
-    rows = []
-    for name, (fn, grads) in fns.items():
-        try:
-            ms_f = bench_ms(fn)
-            ms_fb = bench_ms(fwd_bwd(fn, torch.randn_like(fn())), grad_to_none=grads)
-        except Exception as e:  # a provider that cannot run this shape is reported, not fatal
-            print(f"  {name} failed at T={T}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        rows += [dict(T=T, provider=name, **{"pass": "fwd"}, ms=ms_f), dict(T=T, provider=name, **{"pass": "fwdbwd"}, ms=ms_fb)]
-        print(f"  T={T} {name}: fwd {ms_f:.3f} ms, fwd+bwd {ms_fb:.3f} ms", flush=True)
-    del q, k, v, gates, fns
-    torch.cuda.empty_cache()
+    rows = time_providers(fns, T)
     return rows
 
 
@@ -77,6 +66,7 @@ def main():
     rows = []
     for T in args.T:
         rows += bench_one(T, args.providers)
+        torch.cuda.empty_cache()
     config = dict(B=1, HQ=64, H=4, K=128, V=128, n=16, dtype="bfloat16", gates="on",
                   ours="l = d = l' = 64, window 0 (fla's scheme)", ours_paper="l=32, d=16, l'=64, W=512",
                   fla="parallel_nsa with g_cmp, l = d = l' = 64, window 0 (its window needs flash-attn)")

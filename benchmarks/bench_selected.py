@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (attention_flops, bench_ms, fwd_bwd, plot, print_table, sdpa_provider,  # noqa: E402
+from benchmarks.common import (attention_flops, plot, print_table, sdpa_provider, time_providers,  # noqa: E402
                                warm_up_gpu, write_results)
 from nsa_module import selected_attention  # noqa: E402
 from reference.inputs import random_block_indices  # noqa: E402
@@ -46,22 +46,11 @@ def bench_one(T, HQ, H, K, S, BS, providers, dtype=torch.bfloat16, sdpa_max_T=1 
         if f"sdpa_{be}" in providers and T <= sdpa_max_T:
             run, sl = sdpa_provider(q, k, v, be)
             fns[f"sdpa_{be}"] = (run, sl)
-    rows = []
-    for name, (fn, grads) in fns.items():
-        try:
-            ms_f = bench_ms(fn)
-            ms_fb = bench_ms(fwd_bwd(fn, torch.randn_like(fn())), grad_to_none=grads)
-        except Exception as e:  # a peer that cannot run this shape is reported, not fatal
-            print(f"  {name} failed at T={T}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        rows += [dict(T=T, provider=name, G=HQ // H, **{"pass": "fwd"}, ms=ms_f),
-                 dict(T=T, provider=name, G=HQ // H, **{"pass": "fwdbwd"}, ms=ms_fb)]
-        if name == "ours":
-            fl = attention_flops(T, HQ, K, K, keys_per_query=min(S * BS, T / 2))
-            print(f"  T={T} G={HQ // H} ours: fwd {ms_f:.3f} ms ({fl / ms_f / 1e9:.0f} TFLOP/s), "
-                  f"fwd+bwd {ms_fb:.3f} ms ({3.5 * fl / ms_fb / 1e9:.0f} TFLOP/s)", flush=True)
-    del q, k, v, gs, idx, fns
-    torch.cuda.empty_cache()
+    rows = time_providers(fns, T, G=HQ // H)
+    for r in rows:
+        if r["provider"] == "ours":
+            fl = attention_flops(T, HQ, K, K, keys_per_query=min(S * BS, T / 2)) * (1 if r["pass"] == "fwd" else 3.5)
+            print(f"  T={T} G={HQ // H} ours {r['pass']}: {fl / r['ms'] / 1e9:.0f} TFLOP/s", flush=True)
     return rows
 
 
@@ -81,6 +70,7 @@ def main():
     for HQ, H in ((64, 4), (16, 4)):
         for T in args.T:
             rows += bench_one(T, HQ, H, K, S, BS, args.providers)
+            torch.cuda.empty_cache()
     config = dict(B=1, K=K, V=K, S=S, block_size=BS, dtype="bfloat16", ids="S distinct random causal blocks, sorted",
                   tables={"G=16": "HQ=64, H=4", "G=4": "HQ=16, H=4"}, sdpa="full causal, K/V expanded to HQ heads",
                   gates="g_slc on (ours and fla)")

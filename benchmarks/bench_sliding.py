@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (attention_flops, bench_ms, fwd_bwd, plot, print_table, sdpa_provider,  # noqa: E402
+from benchmarks.common import (attention_flops, plot, print_table, sdpa_provider, time_providers,  # noqa: E402
                                warm_up_gpu, write_results)
 from nsa_module import selected_attention, selected_sliding_attention, sliding_window_attention  # noqa: E402
 from reference.inputs import random_block_indices  # noqa: E402
@@ -60,22 +60,11 @@ def bench_one(T, W, providers, HQ=64, H=4, K=128, S=16, BS=64, dtype=torch.bfloa
     for be in ("flash", "cudnn"):
         if f"sdpa_{be}" in providers:
             fns[f"sdpa_{be}"] = sdpa_provider(q, k, v, be)
-    rows = []
-    for name, (fn, grads) in fns.items():
-        try:
-            ms_f = bench_ms(fn)
-            ms_fb = bench_ms(fwd_bwd(fn, torch.randn_like(fn())), grad_to_none=grads)
-        except Exception as e:  # a provider that cannot run this shape is reported, not fatal
-            print(f"  {name} failed at T={T}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        rows += [dict(T=T, provider=name, W=W, **{"pass": "fwd"}, ms=ms_f),
-                 dict(T=T, provider=name, W=W, **{"pass": "fwdbwd"}, ms=ms_fb)]
-        if name == "ours":
-            fl = attention_flops(T, HQ, K, K, keys_per_query=min(W, T / 2))
-            print(f"  T={T} W={W} sliding: fwd {ms_f:.3f} ms ({fl / ms_f / 1e9:.0f} TFLOP/s), "
-                  f"fwd+bwd {ms_fb:.3f} ms ({3.5 * fl / ms_fb / 1e9:.0f} TFLOP/s)", flush=True)
-    del q, k, v, g_slc, g_swa, idx, fns
-    torch.cuda.empty_cache()
+    rows = time_providers(fns, T, W=W)
+    for r in rows:
+        if r["provider"] == "ours":
+            fl = attention_flops(T, HQ, K, K, keys_per_query=min(W, T / 2)) * (1 if r["pass"] == "fwd" else 3.5)
+            print(f"  T={T} W={W} sliding {r['pass']}: {fl / r['ms'] / 1e9:.0f} TFLOP/s", flush=True)
     return rows
 
 
@@ -95,6 +84,7 @@ def main():
     rows = []
     for T in args.T:
         rows += bench_one(T, args.W, args.providers)
+        torch.cuda.empty_cache()
     config = dict(B=1, HQ=64, H=4, K=128, V=128, W=args.W, dtype="bfloat16", S=16, block_size=64,
                   ids="S distinct random causal blocks, sorted", gates="on",
                   sdpa="full causal, K/V expanded to HQ heads", flex_window="flex_attention, causal band of W")

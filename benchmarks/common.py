@@ -76,6 +76,23 @@ def fwd_bwd(fn: Callable[[], torch.Tensor], do: torch.Tensor) -> Callable[[], No
     return run
 
 
+def time_providers(fns: dict, T: int, **extra) -> list[dict]:
+    """Forward and forward+backward medians of every provider {name: (closure, leaves)}, in one loop so
+    every provider goes through the same timer. A provider that fails (a peer that cannot run this
+    shape) is reported and skipped. Rows: {T, provider, pass, ms, **extra}."""
+    rows = []
+    for name, (fn, leaves) in fns.items():
+        try:
+            ms_f = bench_ms(fn)
+            ms_fb = bench_ms(fwd_bwd(fn, torch.randn_like(fn())), grad_to_none=leaves)
+        except Exception as e:  # noqa: BLE001  reported, not fatal
+            print(f"  {name} failed at T={T}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        rows += [dict(T=T, provider=name, **extra, **{"pass": p}, ms=ms) for p, ms in (("fwd", ms_f), ("fwdbwd", ms_fb))]
+        print(f"  T={T} {name}: fwd {ms_f:.3f} ms, fwd+bwd {ms_fb:.3f} ms", flush=True)
+    return rows
+
+
 def attention_flops(T: int, HQ: int, K: int, V: int, keys_per_query: float, B: int = 1) -> float:
     """Forward FLOPs of attention where each query sees `keys_per_query` keys on average:
     2·(K + V) multiply-adds per (query head, key). Backward is 2.5x this (5 products of 2 in fwd)."""

@@ -55,8 +55,6 @@ def main():
         print(f"  dq kernel   {t_dq:8.3f} ms  {1.5 * fl / t_dq / 1e9:6.0f} TFLOP/s  {kv_bytes / t_dq / 1e9:6.2f} TB/s of K/V tiles")
         print(f"  pairs (CSR) {t_pairs:8.3f} ms")
         print(f"  dkv kernel  {t_dkv:8.3f} ms  {2 * fl / t_dkv / 1e9:6.0f} TFLOP/s")
-        del q, k, v, o, og, lse, do, dq, dk, dv, pairs
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 import reference as R
 from kernels import sliding as K_swa
 from nsa_module import compress_mean, compressed_attention
-from reference.inputs import random_cu_seqlens, random_gates, random_qkv
+from reference.inputs import random_gates, random_qkv
 from tests.test_sliding import assert_close_rel, run_both
 
 # G, H, K, V, l, d, dtype, varlen, T
