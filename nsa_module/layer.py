@@ -20,6 +20,9 @@ from reference import naive as RN
 from reference.checks import check_compression, check_cu_seqlens, check_positive_int, seq_ranges
 
 from .cache import NSACache
+from .common import SeqInfo
+from .compressed import compressed_layout
+from .nsa import nsa_branches
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -126,24 +129,11 @@ class NativeSparseAttention(nn.Module):
         k_c, v_c = kv["cmp"]
         k_cmp, v_cmp = R.compress_kv(k_c, v_c, self.l, self.d, self._phi(), cu_seqlens)
         if self._use_kernels(q):
-            from .compressed import CompressedAttentionFunction, compressed_layout
-            from .common import SeqInfo
-            from .selected import selected_attention
-            from .sliding import sliding_window_attention
-            from .topk import select_blocks
-
             B, T = q.shape[:2]
             qseq = SeqInfo.build(cu_seqlens, B, T, q.device)
             kseq = compressed_layout(tuple(qseq.lengths), self.l, self.d, str(q.device))
-            o, lse = CompressedAttentionFunction.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(),
-                                                       g_cmp.contiguous(), self.l, self.d, self.scale, qseq, kseq)
-            with torch.no_grad():
-                idx = select_blocks(q.contiguous(), k_cmp.contiguous(), lse, self.n, self.l, self.d, self.l_sel,
-                                    self.scale, qseq, kseq)
-            o = o + selected_attention(q, *kv["slc"], idx, None, self.l_sel, self.scale, cu_seqlens, g_slc)
-            if self.W > 0:
-                o = o + sliding_window_attention(q, *kv["swa"], self.W, self.scale, cu_seqlens, g_swa)
-            return o
+            return nsa_branches(q, (k_cmp, v_cmp), kv["slc"], kv.get("swa"), g_cmp, g_slc, g_swa, None, self.n,
+                                self.l, self.d, self.l_sel, self.W, self.scale, cu_seqlens, qseq, kseq)[0]
         o_cmp, p_cmp = R.compressed_attention(q, k_cmp, v_cmp, self.l, self.d, self.scale, cu_seqlens)
         with torch.no_grad():
             p_slc = R.selection_scores(p_cmp, self.l, self.d, self.l_sel, self.H, cu_seqlens)

@@ -10,7 +10,8 @@ from reference.checks import check_compression, check_gate, check_positive_int
 
 from .common import SeqInfo, check_cuda, check_kernel_block_size, check_kernel_inputs, resolve_scale
 from .compressed import CompressedAttentionFunction, compress_mean, compressed_layout
-from .sliding import selected_sliding_attention
+from .selected import selected_attention
+from .sliding import sliding_window_attention
 from .topk import select_blocks
 
 
@@ -65,16 +66,30 @@ def nsa(
     kseq = compressed_layout(tuple(qseq.lengths), l, d, str(q.device))
     check_cuda(q, op)
 
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     k_cmp, v_cmp = compress_mean(k, v, l, d, cu_seqlens)
+    o, block_indices = nsa_branches(q, (k_cmp, v_cmp), (k, v), (k, v), g_cmp, g_slc, g_swa, block_indices,
+                                    block_counts, l, d, block_size, window_size, scale, cu_seqlens, qseq, kseq)
+    return (o, block_indices) if return_block_indices else o
+
+
+def nsa_branches(q, kv_cmp, kv_slc, kv_swa, g_cmp, g_slc, g_swa, block_indices, block_counts,
+                 l: int, d: int, l_sel: int, window_size: int, scale: float, cu_seqlens,
+                 qseq: SeqInfo, kseq: SeqInfo):
+    """The three branches on the kernels, each with its own keys/values (the layer projects them
+    apart; `nsa()` passes one pair): compressed attention over kv_cmp (already compressed), the
+    top-n blocks chosen from it unless block_indices is given, selected over kv_slc, sliding over
+    kv_swa. Inputs validated by the caller. Returns (o, block_indices)."""
+    B, T, HQ = q.shape[:3]
+    q = q.contiguous()
+    k_cmp, v_cmp = (x.contiguous() for x in kv_cmp)
     gate = torch.ones(B, T, HQ, dtype=q.dtype, device=q.device) if g_cmp is None else g_cmp.to(q.dtype).contiguous()
-    o_cmp, lse_cmp = CompressedAttentionFunction.apply(q, k_cmp.contiguous(), v_cmp.contiguous(), gate,
-                                                       l, d, scale, qseq, kseq)
+    o_cmp, lse_cmp = CompressedAttentionFunction.apply(q, k_cmp, v_cmp, gate, l, d, scale, qseq, kseq)
     counts = block_counts
     if block_indices is None:
         with torch.no_grad():
-            block_indices = select_blocks(q, k_cmp, lse_cmp, block_counts, l, d, block_size, scale, qseq, kseq)
+            block_indices = select_blocks(q, k_cmp, lse_cmp, block_counts, l, d, l_sel, scale, qseq, kseq)
         counts = None
-    o = o_cmp + selected_sliding_attention(q, k, v, block_indices, counts, block_size, window_size, scale,
-                                           cu_seqlens, g_slc, g_swa)
-    return (o, block_indices) if return_block_indices else o
+    o = o_cmp + selected_attention(q, *kv_slc, block_indices, counts, l_sel, scale, cu_seqlens, g_slc)
+    if window_size > 0:
+        o = o + sliding_window_attention(q, *kv_swa, window_size, scale, cu_seqlens, g_swa)
+    return o, block_indices
