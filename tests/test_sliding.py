@@ -64,9 +64,22 @@ def run_both(ours, ref, tensors):
 
 
 def assert_close_rel(ours, ref, names, dtype):
+    """Relative error <= 1e-2 per tensor. Two exceptions the math forces:
+    - an input the output does not depend on (g_swa with window 0) has no gradient on either side;
+    - a gradient that is exactly 0 in the reference (W = 1: each row sees one key, P = 1, so
+      dS = P·(dP - Δ) = 0 and dq = dk = 0) has no scale to be relative to: ours computes dP and
+      Δ = rowsum(dO∘O) in different fp32 summation orders, so it is 0 up to rounding; the inputs
+      are O(1) random numbers, so an absolute 1e-3 still catches any real error."""
     for name, x, r in zip(names, ours, ref):
+        if x is None or r is None:
+            assert x is None and r is None, f"{name}: gradient on one side only"
+            continue
         assert x.dtype == dtype and x.shape == r.shape, name
         assert not x.isnan().any(), f"{name} has NaN (an element left unwritten?)"
+        if r.abs().max() == 0:
+            err = (x.float() - r).abs().max().item()
+            assert err <= 1e-3, f"{name}: the reference is exactly 0, ours is off by {err:.2e}"
+            continue
         err = rel_err(x, r)
         assert err <= 1e-2, f"{name}: relative error {err:.2e}"
 

@@ -1,0 +1,118 @@
+"""Compile kernel families ahead of time for sm_90, on a machine without a GPU.
+
+TileLang keys its disk cache on the kernel's TIR, the target string, the pass configs and the
+TileLang build, not on the machine: kernels compiled here with the sm_90 target and the same
+TileLang wheel are cache hits on an H100 that runs with the same TILELANG_DEFAULT_TARGET and
+TILELANG_CACHE_DIR. That moves minutes of nvcc time off the GPU.
+
+    TILELANG_CACHE_DIR=.tlcache python tools/precompile.py tests bench
+    # on the GPU machine: TILELANG_CACHE_DIR=.tlcache TILELANG_DEFAULT_TARGET='{"kind": "cuda", "arch": "sm_90"}' pytest -m gpu
+
+Families are named like the launchers name them: nsa(...) compiles the compressed (banded, strided
+keys), block-score, selected and (W > 0) sliding kernels of one configuration.
+"""
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.common import SM90_TARGET  # noqa: E402
+
+os.environ.setdefault("TILELANG_DEFAULT_TARGET", SM90_TARGET)
+
+from kernels import selected as K_sel  # noqa: E402
+from kernels import sliding as K_swa  # noqa: E402
+from kernels import topk as K_topk  # noqa: E402
+
+
+# A family is (name, args): picklable, so worker processes (not threads: TileLang's lowering holds
+# the GIL) can compile them side by side.
+def sliding(H, G, K, V, W, dtype, scale=None):
+    return [("sliding", (H, G, K, V, W, dtype, scale or K ** -0.5))]
+
+
+def compressed(H, G, K, V, l, d, dtype, scale=None):
+    return [("banded", (H, G, K, V, K_swa.W_CAP, d, l - 1, dtype, scale or K ** -0.5))]
+
+
+def selected(H, G, K, V, S, BS, dtype, scale=None):
+    return [("selected", (H, G, K, V, S, BS, dtype, scale or K ** -0.5))]
+
+
+def nsa(H, G, K, V, l, d, ls, n, W, dtype, scale=None):
+    scale = scale or K ** -0.5
+    fams = compressed(H, G, K, V, l, d, dtype, scale) + selected(H, G, K, V, n, ls, dtype, scale)
+    fams.append(("block_scores", (H, G, K, l, d, ls, dtype, scale)))
+    return fams + (sliding(H, G, K, V, W, dtype, scale) if W > 0 else [])
+
+
+def build(fam):
+    name, args = fam
+    if name == "sliding":
+        K_swa.sliding_kernels(*args)
+    elif name == "banded":
+        K_swa.banded_kernels(*args)
+    elif name == "selected":
+        K_sel.selected_kernels(*args)
+    elif name == "block_scores":
+        H, G, K, l, d, ls, dtype, scale = args
+        K_topk.block_scores(*args, **K_topk.pick_config(G, K, l, d, ls))
+    else:
+        raise ValueError(f"unknown kernel family {name!r}")
+    return name
+
+
+def test_families():
+    """What `pytest -m gpu` compiles for the sliding, compressed, nsa and layer tests."""
+    from tests import test_compressed, test_nsa, test_sliding
+    dt = lambda x: str(x).replace("torch.", "")  # noqa: E731
+    fams = []
+    for G, H, K, V, W, dtype, _, _ in test_sliding.GRID:
+        fams += sliding(H, G, K, V, W, dt(dtype))
+    fams += selected(2, 16, 192, 128, 16, 64, "bfloat16") + sliding(2, 16, 192, 128, 512, "bfloat16")
+    fams += selected(2, 4, 64, 64, 4, 32, "float16") + sliding(2, 4, 64, 64, 7, "float16")
+    fams += sliding(2, 8, 128, 128, 2 ** 40, "bfloat16")
+    for G, H, K, V, l, d, dtype, _, _ in test_compressed.GRID:
+        fams += compressed(H, G, K, V, l, d, dt(dtype))
+    fams += compressed(2, 4, 64, 64, 32, 16, "bfloat16")
+    for G, H, K, V, l, d, ls, n, W, dtype, _, _ in test_nsa.CASES:
+        fams += nsa(H, G, K, V, l, d, ls, n, W, dt(dtype))
+    fams += nsa(2, 8, 64, 64, 32, 16, 64, 4, 64, "bfloat16")  # test_layer's kernel path
+    return fams
+
+
+def memcheck_families():
+    """What tools/memcheck_banded.py compiles."""
+    from tools.memcheck_banded import CASES
+    fams = []
+    for G, H, K, V, W in CASES:
+        fams += sliding(H, G, K, V, W, "bfloat16") + compressed(H, G, K, V, 32, 16, "bfloat16")
+    return fams + nsa(2, 16, 128, 128, 32, 16, 32, 4, 1, "bfloat16")
+
+
+def bench_families():
+    """The ANCHORS.md benchmark configuration (HQ = 64, H = 4, K = V = 128, bf16)."""
+    H, G, K = 4, 16, 128
+    return (selected(H, G, K, K, 16, 64, "bfloat16") + sliding(H, G, K, K, 512, "bfloat16")
+            + nsa(H, G, K, K, 32, 16, 64, 16, 512, "bfloat16") + nsa(H, G, K, K, 64, 64, 64, 16, 0, "bfloat16"))
+
+
+def main(which):
+    fams = []
+    if "tests" in which:
+        fams += test_families()
+    if "memcheck" in which:
+        fams += memcheck_families()
+    if "bench" in which:
+        fams += bench_families()
+    fams = list(dict.fromkeys(fams))
+    t0 = time.time()
+    with ProcessPoolExecutor(int(os.environ.get("NSA_PRECOMPILE_JOBS", os.cpu_count()))) as pool:
+        list(pool.map(build, fams))
+    print(f"{len(fams)} families ready in {time.time() - t0:.0f} s (cache: {os.environ.get('TILELANG_CACHE_DIR', '~/.tilelang/cache')})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["tests"])
