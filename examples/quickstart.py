@@ -75,7 +75,8 @@ def cpu_path():
     if shutil.which("nvcc") is None:
         print("nvcc not found: skipping the TileLang compile for sm_90")
         return
-    os.environ.setdefault("TILELANG_DEFAULT_TARGET", '{"kind": "cuda", "arch": "sm_90"}')
+    from kernels.common import SM90_TARGET
+    os.environ.setdefault("TILELANG_DEFAULT_TARGET", SM90_TARGET)
     from kernels.selected import selected_kernels
 
     t0 = time.time()

@@ -7,8 +7,10 @@ import tilelang.language as T
 
 LOG2E = 1.4426950408889634
 
-# Compile for Hopper without a GPU (CI, this repo's `compile` tests): TileLang reads this.
-SM90_TARGET = '{"kind": "cuda", "arch": "sm_90"}'
+# Compile for Hopper without a GPU (CI, this repo's `compile` tests): TileLang reads this. sm_90a, not
+# sm_90: the kernels use wgmma, which nvcc only enables for sm_90a; a plain sm_90 build compiles but
+# hits CUTLASS's "wgmma without SM90A" device assert on the H100 (seen on the device).
+SM90_TARGET = '{"kind": "cuda", "arch": "sm_90a"}'
 
 # Warp specialization stays off: with TileLang 0.1.15's automatic producer/consumer split our
 # data-dependent pipelined loops gave run-to-run different results (a race, seen on the H100 in the

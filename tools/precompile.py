@@ -1,12 +1,12 @@
-"""Compile kernel families ahead of time for sm_90, on a machine without a GPU.
+"""Compile kernel families ahead of time for Hopper (sm_90a), on a machine without a GPU.
 
 TileLang keys its disk cache on the kernel's TIR, the target string, the pass configs and the
-TileLang build, not on the machine: kernels compiled here with the sm_90 target and the same
+TileLang build, not on the machine: kernels compiled here with the sm_90a target and the same
 TileLang wheel are cache hits on an H100 that runs with the same TILELANG_DEFAULT_TARGET and
 TILELANG_CACHE_DIR. That moves minutes of nvcc time off the GPU.
 
     TILELANG_CACHE_DIR=.tlcache python tools/precompile.py tests bench
-    # on the GPU machine: TILELANG_CACHE_DIR=.tlcache TILELANG_DEFAULT_TARGET='{"kind": "cuda", "arch": "sm_90"}' pytest -m gpu
+    # on the GPU machine: TILELANG_CACHE_DIR=.tlcache TILELANG_DEFAULT_TARGET='{"kind": "cuda", "arch": "sm_90a"}' pytest -m gpu
 
 Families are named like the launchers name them: nsa(...) compiles the compressed (banded, strided
 keys), block-score, selected and (W > 0) sliding kernels of one configuration.
