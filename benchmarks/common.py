@@ -23,6 +23,10 @@ def device_slug(name: str) -> str:
 
 
 def commit() -> str:
+    """The code's commit: NSA_COMMIT when set (the GPU machine runs a copy of the working tree whose
+    git metadata, where present, is not this checkout's), else git's HEAD (+dirty)."""
+    if os.environ.get("NSA_COMMIT"):
+        return os.environ["NSA_COMMIT"]
     try:
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
                                       stderr=subprocess.DEVNULL).strip()
@@ -30,7 +34,7 @@ def commit() -> str:
                                cwd=os.path.dirname(HERE), stderr=subprocess.DEVNULL).returncode
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("NSA_COMMIT", "unknown")
+        return "unknown"
 
 
 def bench_ms(fn: Callable[[], object], grad_to_none: Optional[list] = None, rep: int = 200) -> float:

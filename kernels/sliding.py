@@ -269,6 +269,45 @@ def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtyp
     return main
 
 
+@T.macro
+def dkv_query_step(Q, dO, LSE, Delta, Gate, QOffsets, QSeq, KOffsets, K_s, V_s, Q_s, dO_s, lse_s, delta_s,
+                   gate_s, tpos_s, kbos_s, acc_st, acc_dpt, p_cast, ds_cast, acc_dk, acc_dv, i_b, i_h, kt, t0,
+                   Tq, Tk, G: int, BM: int, M: int, BN: int, W: int, KS: int, KC: int, sc: float, policy):
+    """dK/dV of key tile [kt, kt+BN) += the contribution of query tokens [t0, t0+BM) (all G heads):
+    dV += (Pᵀ∘Gate)·dOG, dK += dSᵀ·Q (unscaled), dS = P ∘ (Gate·dP - Delta)."""
+    load_rows(Q, Q_s, i_b, t0, i_h, G, BM, M)
+    load_rows(dO, dO_s, i_b, t0, i_h, G, BM, M)
+    for rr in T.Parallel(M):
+        # computed from t0 and global tensors, never read back from a shared tile in this stage
+        # (TileLang may make these copies asynchronous)
+        tq = T.min(t0 + rr // G, Tq - 1)
+        live = rr < BM * G and t0 + rr // G < Tq
+        tpos_s[rr] = T.if_then_else(live, tq - QOffsets[QSeq[tq]], -1)
+        kbos_s[rr] = KOffsets[QSeq[tq]]
+        lse_s[rr] = T.if_then_else(live, LSE[i_b, tq, i_h * G + rr % G], T.infinity("float32"))
+        delta_s[rr] = T.if_then_else(live, Delta[i_b, tq, i_h * G + rr % G], 0)
+        gate_s[rr] = T.if_then_else(live, T.cast(Gate[i_b, tq, i_h * G + rr % G], "float32"), 0)
+    T.clear(acc_st)
+    T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=policy)
+    T.clear(acc_dpt)
+    T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=policy)
+    for i, j in T.Parallel(BN, M):
+        p = (kt + i - kbos_s[j]) * KS + KC
+        ok = kt + i < Tk and kt + i >= kbos_s[j] and p <= tpos_s[j] and p > tpos_s[j] - W
+        acc_st[i, j] = T.if_then_else(ok, T.exp2(acc_st[i, j] * sc - lse_s[j]), 0)
+        acc_dpt[i, j] = acc_st[i, j] * (gate_s[j] * acc_dpt[i, j] - delta_s[j])
+        acc_st[i, j] = acc_st[i, j] * gate_s[j]
+    T.copy(acc_st, p_cast)
+    T.copy(acc_dpt, ds_cast)
+    T.gemm(p_cast, dO_s, acc_dv, policy=policy)
+    T.gemm(ds_cast, Q_s, acc_dk, policy=policy)
+
+
+def _dkv_policy(threads: int, BN: int):
+    rows_only = threads // 32 <= BN // 16  # see selected.selected_bwd_dkv
+    return rows_only, (T.GemmWarpPolicy.FullRow if rows_only else T.GemmWarpPolicy.Square)
+
+
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def banded_bwd_dkv(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
                    BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
@@ -276,14 +315,13 @@ def banded_bwd_dkv(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dty
 
     One program per (key tile of BN keys, batch·kv head). The queries that can see the tile run
     from the first key's position to the last key's position + W - 1 (capped at its sequence's
-    end), walked BM tokens at a time. dV += (Pᵀ∘Gate)·dOG, dK += dSᵀ·Q, dS = P ∘ (Gate·dP - Delta).
+    end), walked BM tokens at a time (dkv_query_step). Each program owns its rows: no atomics.
     """
     B, Tq, Tk, N1 = T.dynamic("B, Tq, Tk, N1")
     HQ = H * G
     sc = scale * LOG2E
     acc = "float32"
-    rows_only = threads // 32 <= BN // 16  # see selected.selected_bwd_dkv
-    policy = T.GemmWarpPolicy.FullRow if rows_only else T.GemmWarpPolicy.Square
+    rows_only, policy = _dkv_policy(threads, BN)
 
     @T.prim_func
     def main(
@@ -336,33 +374,9 @@ def banded_bwd_dkv(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dty
             T.clear(acc_dv)
 
             for it in T.Pipelined(T.ceildiv(T.max(q_hi - q_lo + 1, 0), BM), num_stages=num_stages):
-                t0 = q_lo + it * BM
-                load_rows(Q, Q_s, i_b, t0, i_h, G, BM, M)
-                load_rows(dO, dO_s, i_b, t0, i_h, G, BM, M)
-                for rr in T.Parallel(M):
-                    # computed from t0 and global tensors, never read back from a shared tile in
-                    # this stage (TileLang may make these copies asynchronous)
-                    tq = T.min(t0 + rr // G, Tq - 1)
-                    live = rr < BM * G and t0 + rr // G < Tq
-                    tpos_s[rr] = T.if_then_else(live, tq - QOffsets[QSeq[tq]], -1)
-                    kbos_s[rr] = KOffsets[QSeq[tq]]
-                    lse_s[rr] = T.if_then_else(live, LSE[i_b, tq, i_h * G + rr % G], T.infinity(acc))
-                    delta_s[rr] = T.if_then_else(live, Delta[i_b, tq, i_h * G + rr % G], 0)
-                    gate_s[rr] = T.if_then_else(live, T.cast(Gate[i_b, tq, i_h * G + rr % G], acc), 0)
-                T.clear(acc_st)
-                T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=policy)
-                T.clear(acc_dpt)
-                T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=policy)
-                for i, j in T.Parallel(BN, M):
-                    p = (kt + i - kbos_s[j]) * KS + KC
-                    ok = kt + i < Tk and kt + i >= kbos_s[j] and p <= tpos_s[j] and p > tpos_s[j] - W
-                    acc_st[i, j] = T.if_then_else(ok, T.exp2(acc_st[i, j] * sc - lse_s[j]), 0)
-                    acc_dpt[i, j] = acc_st[i, j] * (gate_s[j] * acc_dpt[i, j] - delta_s[j])
-                    acc_st[i, j] = acc_st[i, j] * gate_s[j]
-                T.copy(acc_st, p_cast)
-                T.copy(acc_dpt, ds_cast)
-                T.gemm(p_cast, dO_s, acc_dv, policy=policy)
-                T.gemm(ds_cast, Q_s, acc_dk, policy=policy)
+                dkv_query_step(Q, dO, LSE, Delta, Gate, QOffsets, QSeq, KOffsets, K_s, V_s, Q_s, dO_s, lse_s,
+                               delta_s, gate_s, tpos_s, kbos_s, acc_st, acc_dpt, p_cast, ds_cast, acc_dk, acc_dv,
+                               i_b, i_h, kt, q_lo + it * BM, Tq, Tk, G, BM, M, BN, W, KS, KC, sc, policy)
 
             for i, d in T.Parallel(BN, K):
                 acc_dk[i, d] = acc_dk[i, d] * scale
@@ -378,12 +392,102 @@ def banded_bwd_dkv(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dty
     return main
 
 
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def banded_bwd_dkv_split(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
+                         BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
+    """Kernel(Q, K, V, dOG, Gate, LSE, Delta, QOffsets, QSeq, KOffsets, KSeq, Split, dKacc, dVacc).
+
+    banded_bwd_dkv with each key tile's query range dealt out over NS = len(Split) programs (query
+    tiles it ≡ program mod NS), adding into fp32 dKacc/dVacc `[B, Tk, H, K|V]` (zeroed by the host)
+    with atomics. For the compressed branch: its T/d keys make only T/(d·BN) key tiles per head,
+    each seen by every later query, so one program per key tile leaves the GPU idle (measured: at
+    8k, l = d = 64, 8 programs); partial sums per split would need NS·Tk·H·(K+V) fp32 of memory
+    where the atomics need one copy. Run-to-run results can differ in the last fp32 bits.
+    """
+    B, Tq, Tk, N1, NS = T.dynamic("B, Tq, Tk, N1, NS")
+    HQ = H * G
+    sc = scale * LOG2E
+    acc = "float32"
+    rows_only, policy = _dkv_policy(threads, BN)
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor([B, Tq, HQ, K], dtype),
+        Kt: T.Tensor([B, Tk, H, K], dtype),
+        Vt: T.Tensor([B, Tk, H, V], dtype),
+        dO: T.Tensor([B, Tq, HQ, V], dtype),
+        Gate: T.Tensor([B, Tq, HQ], dtype),
+        LSE: T.Tensor([B, Tq, HQ], acc),
+        Delta: T.Tensor([B, Tq, HQ], acc),
+        QOffsets: T.Tensor([N1], "int32"),
+        QSeq: T.Tensor([Tq], "int32"),
+        KOffsets: T.Tensor([N1], "int32"),
+        KSeq: T.Tensor([Tk], "int32"),
+        Split: T.Tensor([NS], "int32"),
+        dKacc: T.Tensor([B, Tk, H, K], acc),
+        dVacc: T.Tensor([B, Tk, H, V], acc),
+    ):
+        with T.Kernel(T.ceildiv(Tk, BN), B * H, NS, threads=threads) as (i_n, i_bh, i_s):
+            K_s = T.alloc_shared([BN, K], dtype)
+            V_s = T.alloc_shared([BN, V], dtype)
+            Q_s = T.alloc_shared([M, K], dtype)
+            dO_s = T.alloc_shared([M, V], dtype)
+            lse_s = T.alloc_shared([M], acc)
+            delta_s = T.alloc_shared([M], acc)
+            gate_s = T.alloc_shared([M], acc)
+            tpos_s = T.alloc_shared([M], "int32")
+            kbos_s = T.alloc_shared([M], "int32")
+            acc_st = T.alloc_fragment([BN, M], acc)
+            acc_dpt = T.alloc_fragment([BN, M], acc)
+            p_cast = T.alloc_fragment([BN, M], dtype) if rows_only else T.alloc_shared([BN, M], dtype)
+            ds_cast = T.alloc_fragment([BN, M], dtype) if rows_only else T.alloc_shared([BN, M], dtype)
+            acc_dk = T.alloc_fragment([BN, K], acc)
+            acc_dv = T.alloc_fragment([BN, V], acc)
+
+            i_b = i_bh // H
+            i_h = i_bh % H
+            kt = i_n * BN
+            k_last = T.min(kt + BN - 1, Tk - 1)
+            q_lo = QOffsets[KSeq[kt]] + (kt - KOffsets[KSeq[kt]]) * KS + KC
+            q_last_key = QOffsets[KSeq[k_last]] + (k_last - KOffsets[KSeq[k_last]]) * KS + KC
+            q_hi = q_last_key + T.min(W, QOffsets[KSeq[k_last] + 1] - q_last_key) - 1
+            n_q = T.ceildiv(T.max(q_hi - q_lo + 1, 0), BM)
+
+            T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
+            T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
+            T.clear(acc_dk)
+            T.clear(acc_dv)
+
+            for it in T.Pipelined(T.ceildiv(T.max(n_q - i_s, 0), NS), num_stages=num_stages):
+                dkv_query_step(Q, dO, LSE, Delta, Gate, QOffsets, QSeq, KOffsets, K_s, V_s, Q_s, dO_s, lse_s,
+                               delta_s, gate_s, tpos_s, kbos_s, acc_st, acc_dpt, p_cast, ds_cast, acc_dk, acc_dv,
+                               i_b, i_h, kt, q_lo + (i_s + it * NS) * BM, Tq, Tk, G, BM, M, BN, W, KS, KC, sc,
+                               policy)
+
+            if i_s < n_q:
+                for i, d in T.Parallel(BN, K):
+                    if kt + i < Tk:
+                        T.atomic_add(dKacc[i_b, kt + i, i_h, d], acc_dk[i, d] * scale)
+                for i, d in T.Parallel(BN, V):
+                    if kt + i < Tk:
+                        T.atomic_add(dVacc[i_b, kt + i, i_h, d], acc_dv[i, d])
+
+    return main
+
+
+def splits_query_range(W: int) -> bool:
+    """Without a window (compressed branch, or W past any sequence) a key tile is seen by every later
+    query: its dK/dV work is split over programs (banded_bwd_dkv_split)."""
+    return W >= W_CAP
+
+
 def banded_kernels(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float):
     """The three kernels one shape family needs (forward, dQ, dK/dV), compiled or taken from the cache."""
     cfg = pick_config(G, K, V)
+    dkv = banded_bwd_dkv_split if splits_query_range(W) else banded_bwd_dkv
     return (banded_fwd(H, G, K, V, W, KS, KC, dtype, scale, **cfg),
             banded_bwd_dq(H, G, K, V, W, KS, KC, dtype, scale, **cfg),
-            banded_bwd_dkv(H, G, K, V, W, KS, KC, dtype, scale, **pick_dkv_config(G, K, V)))
+            dkv(H, G, K, V, W, KS, KC, dtype, scale, **pick_dkv_config(G, K, V)))
 
 
 def sliding_kernels(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float):

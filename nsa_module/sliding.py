@@ -6,6 +6,7 @@ atomics and no index are needed (the window fixes which queries reach a key).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Union
 
 import torch
@@ -16,6 +17,17 @@ from reference.checks import check_gate, check_positive_int
 
 from .common import SeqInfo, check_cuda, check_kernel_inputs, empty, resolve_scale
 from .selected import selected_attention
+
+@lru_cache(maxsize=None)
+def sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@lru_cache(maxsize=64)
+def split_arg(n: int, device) -> torch.Tensor:
+    """A length-n tensor: the kernels read the split count from its shape."""
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
 
 def banded_fwd(q, k, v, gate, W: int, KS: int, KC: int, scale: float, qseq: SeqInfo, kseq: SeqInfo):
     """Banded causal attention (see kernels/sliding.py): o, og = gate·o, lse. Keys k/v may be a
@@ -48,9 +60,19 @@ def banded_bwd(q, k, v, gate, o, lse, dog, W: int, KS: int, KC: int, scale: floa
         return dq.zero_(), dk, dv, (dog.float() * o.float()).sum(-1)
     K_swa.banded_bwd_dq(H, G, Kd, V, W, KS, KC, dtype, scale, **K_swa.pick_config(G, Kd, V))(
         q, k, v, o, dog, gate, lse, qseq.offsets, qseq.tok_seq, kseq.offsets, dq, delta, dgate)
-    K_swa.banded_bwd_dkv(H, G, Kd, V, W, KS, KC, dtype, scale, **K_swa.pick_dkv_config(G, Kd, V))(
-        q, k, v, dog, gate, lse, delta, qseq.offsets, qseq.tok_seq, kseq.offsets, kseq.tok_seq, dk, dv)
-    return dq, dk, dv, dgate
+    cfg = K_swa.pick_dkv_config(G, Kd, V)
+    args = (q, k, v, dog, gate, lse, delta, qseq.offsets, qseq.tok_seq, kseq.offsets, kseq.tok_seq)
+    if not K_swa.splits_query_range(W):
+        K_swa.banded_bwd_dkv(H, G, Kd, V, W, KS, KC, dtype, scale, **cfg)(*args, dk, dv)
+        return dq, dk, dv, dgate
+    # enough programs to fill the GPU about 4 times over, at least one query tile each
+    key_tiles = B * H * -(-k.shape[1] // cfg["BN"])
+    ns = max(1, min(-(-4 * sm_count(q.device) // key_tiles), -(-Tq // cfg["BM"])))
+    dk_acc = torch.zeros(*k.shape, dtype=torch.float32, device=k.device)
+    dv_acc = torch.zeros(*v.shape, dtype=torch.float32, device=v.device)
+    K_swa.banded_bwd_dkv_split(H, G, Kd, V, W, KS, KC, dtype, scale, **cfg)(
+        *args, split_arg(ns, q.device), dk_acc, dv_acc)
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), dgate
 
 
 class SlidingAttentionFunction(torch.autograd.Function):

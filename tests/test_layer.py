@@ -128,13 +128,18 @@ def test_bad_decode_input_raises():
 
 @pytest.mark.gpu
 def test_layer_kernels_match_reference_path():
-    """bf16 on CUDA (TileLang kernels) against the same weights in float32 on the CPU (reference)."""
+    """The bf16 layer on CUDA: attention on the TileLang kernels against the same bf16 module with
+    attention on the float32 reference, so the two differ only in the attention. (Against a float32
+    copy of the module the whole bf16 layer, projections included, is ~2% off: that is bf16, not
+    the kernels.)"""
     cfg = dict(hidden_size=256, num_heads=16, num_kv_heads=2, head_dim=64, compress_block=32,
                compress_stride=16, block_size=64, block_counts=4, window_size=64)
     torch.manual_seed(0)
-    m_cpu = NativeSparseAttention(**cfg)
-    m_gpu = copy.deepcopy(m_cpu).cuda().to(torch.bfloat16)
-    x = torch.randn(1, 700, 256)
-    y_ref, _ = m_cpu(x)
-    y, _ = m_gpu(x.cuda().to(torch.bfloat16))
-    assert rel_err(y.cpu(), y_ref) <= 1e-2
+    m = NativeSparseAttention(**cfg).cuda().to(torch.bfloat16)
+    m_ref = copy.deepcopy(m)
+    m_ref._use_kernels = lambda x: False
+    x = torch.randn(1, 700, 256, device="cuda", dtype=torch.bfloat16)
+    y, _ = m(x)
+    y_ref, _ = m_ref(x)
+    assert not y.isnan().any()
+    assert rel_err(y, y_ref) <= 1e-2
