@@ -7,8 +7,10 @@ where overlap(i, j) is the number of tokens compressed block i (tokens i·d … 
 selection block j (tokens j·l' … j·l'+l'−1) (Eq. 9), summed over the G heads of the group (Eq. 10).
 The [T, T/d] probabilities never leave the chip: a program (BM tokens of one sequence × one kv
 head) walks the selection blocks JT at a time, loads the BN compressed keys that overlap them,
-and writes Scores `[B, T, H, NS]` (fp32), T/l' per token instead of G·T/d. The top-n choice is a
-row-wise selection over these scores (nsa_module.topk).
+and writes Scores `[B, T, H, NS]` (fp32), T/l' per token instead of G·T/d, with the selection's
+masks applied: +inf for block 0 and the two local blocks, -inf for blocks after the token's (and,
+left as the host filled them, for blocks past the tile's last token). The top-n choice is then a
+plain row-wise ranking (nsa_module.topk).
 
 Shapes: Q `[B, Tq, HQ, K]`, Kc `[B, Tk, H, K]`, LSE `[B, Tq, HQ]` (base 2), TileStart `[NT]` (each
 query tile's first row; tiles never straddle sequences), QOffsets/KOffsets `[N+1]`, QSeq `[Tq]`.
@@ -102,7 +104,13 @@ def block_scores(H: int, G: int, K: int, l: int, d: int, l_sel: int, dtype: str,
                         for g in T.serial(G):
                             S_s[bt, jj] += P_s[bt * G + g, i - i0] * (T.cast(w, acc) / d)
                 for bt, jj in T.Parallel(BM, JT):
-                    if bt < n_tok and jt * JT + jj < NS:
-                        Scores[i_b, t0 + bt, i_h, jt * JT + jj] = S_s[bt, jj]
+                    j = jt * JT + jj
+                    cur = (t0 + bt - bos) // l_sel  # the token's own block
+                    if bt < n_tok and j < NS:
+                        # the selection rule's masks, applied here so the host only ranks: blocks
+                        # after the token's own can't be chosen, block 0 and the 2 local ones must be
+                        Scores[i_b, t0 + bt, i_h, j] = T.if_then_else(
+                            j > cur, -T.infinity(acc),
+                            T.if_then_else(j == 0 or j == cur or j == cur - 1, T.infinity(acc), S_s[bt, jj]))
 
     return main

@@ -27,13 +27,15 @@ def query_tiles(lengths: tuple, BM: int, device: str) -> torch.Tensor:
 
 
 def block_scores(q, k_cmp, lse_cmp, l: int, d: int, l_sel: int, scale: float, qseq: SeqInfo, kseq: SeqInfo):
-    """Scores `[B, T, H, NS]` (fp32) of every selection block for each token and kv head, NS the
-    longest sequence's block count. Entries of blocks after a token's own are unspecified."""
+    """Masked scores `[B, T, H, NS]` (fp32) of every selection block for each token and kv head, NS
+    the longest sequence's block count: +inf for the forced blocks (0 and the two local ones), -inf
+    for blocks after the token's own, else the Eq. 9-10 score."""
     B, T, HQ, Kd = q.shape
     H = k_cmp.shape[2]
     G = HQ // H
     NS = -(-max(qseq.lengths) // l_sel)
-    scores = empty(B, T, H, NS, dtype=torch.float32, device=q.device)
+    # -inf where the kernel writes nothing (blocks past a tile's last token)
+    scores = torch.full((B, T, H, NS), float("-inf"), dtype=torch.float32, device=q.device)
     cfg = K_topk.pick_config(G, Kd, l, d, l_sel)
     tiles = query_tiles(tuple(qseq.lengths), cfg["BM"], str(q.device))
     K_topk.block_scores(H, G, Kd, l, d, l_sel, tl_dtype(q.dtype), scale, **cfg)(
@@ -41,30 +43,56 @@ def block_scores(q, k_cmp, lse_cmp, l: int, d: int, l_sel: int, scale: float, qs
     return scores
 
 
-def select_from_scores(scores: torch.Tensor, n: int, l_sel: int, qseq: SeqInfo) -> torch.Tensor:
-    """block_indices `[B, T, H, n]` (int32) from scores `[B, T, H, NS]` (see module docstring).
-
-    The choice is exact and deterministic: each score becomes an int64 key (its float bits in
-    sortable order, then the complemented block id), so top-k ranks by score and breaks ties toward
-    the lower id without a stable sort.
-    """
+def mask_scores(scores: torch.Tensor, n: int, l_sel: int, positions: torch.Tensor) -> torch.Tensor:
+    """Raw scores `[B, T, H, NS]` -> masked as block_scores returns them, padded to at least n + 1
+    blocks; positions `[T]` are the tokens' positions in their sequences."""
     B, T, H, NS = scores.shape
-    cur = (qseq.positions() // l_sel).view(1, T, 1, 1)
-    j = torch.arange(max(NS, n), device=scores.device)
-    s = torch.nn.functional.pad(scores, (0, max(NS, n) - NS), value=float("-inf"))
-    s = s.masked_fill(j > cur, float("-inf")).masked_fill((j == 0) | (j == cur) | (j == cur - 1), float("inf"))
-    bits = s.view(torch.int32).long()
+    cur = (positions // l_sel).view(1, T, 1, 1)
+    j = torch.arange(max(NS, n + 1), device=scores.device)
+    s = torch.nn.functional.pad(scores, (0, max(NS, n + 1) - NS), value=float("-inf"))
+    return s.masked_fill(j > cur, float("-inf")).masked_fill((j == 0) | (j == cur) | (j == cur - 1), float("inf"))
+
+
+def _select_exact(s: torch.Tensor, n: int) -> torch.Tensor:
+    """Top-n ids of masked scores, ties toward the lower id, as int64 keys (score bits in sortable
+    order, then the complemented id) so top-k needs no stable sort. Slower: fallback for ties."""
+    j = torch.arange(s.shape[-1], device=s.device)
+    bits = s.contiguous().view(torch.int32).long()
     order = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order as integer order
     key = (order << 32) | (0xFFFFFFFF - j)
     top = torch.topk(key, n, dim=-1).values
-    ids = 0xFFFFFFFF - (top & 0xFFFFFFFF)
-    taken = torch.gather(s, -1, ids) > float("-inf")  # fewer visible blocks than n: -1 slots
+    return 0xFFFFFFFF - (top & 0xFFFFFFFF)
+
+
+def select_from_masked(s: torch.Tensor, n: int) -> torch.Tensor:
+    """block_indices `[..., n]` (int32) from masked scores `[..., NS]` (see module docstring).
+
+    One fp32 top-(n+1) per row. Where the n-th and (n+1)-th values differ, the top-n set is unique
+    whatever order top-k gives ties inside it; rows where they are equal (a tie across the cut, e.g.
+    integer scores) are redone exactly with int64 keys (ties to the lower id). Deterministic; one
+    host sync to find those rows.
+    """
+    if s.shape[-1] < n + 1:
+        s = torch.nn.functional.pad(s, (0, n + 1 - s.shape[-1]), value=float("-inf"))
+    vals, ids = torch.topk(s, n + 1, dim=-1)
+    tie = (vals[..., n - 1] == vals[..., n]) & (vals[..., n - 1] > float("-inf"))
+    ids, vals = ids[..., :n], vals[..., :n]
+    if tie.any():
+        ids = ids.clone()
+        ids[tie] = _select_exact(s[tie], n)
+        vals = vals.clone()
+        vals[tie] = torch.gather(s[tie], -1, ids[tie])
     big = torch.iinfo(torch.long).max
-    ids = torch.where(taken, ids, torch.full_like(ids, big)).sort(-1).values
+    ids = torch.where(vals > float("-inf"), ids, torch.full_like(ids, big)).sort(-1).values  # -inf: not taken
     return torch.where(ids == big, torch.full_like(ids, -1), ids).to(torch.int32)
+
+
+def select_from_scores(scores: torch.Tensor, n: int, l_sel: int, qseq: SeqInfo) -> torch.Tensor:
+    """block_indices `[B, T, H, n]` (int32) from raw scores `[B, T, H, NS]`."""
+    return select_from_masked(mask_scores(scores, n, l_sel, qseq.positions()), n)
 
 
 def select_blocks(q, k_cmp, lse_cmp, n: int, l: int, d: int, l_sel: int, scale: float,
                   qseq: SeqInfo, kseq: SeqInfo) -> torch.Tensor:
     """block_indices `[B, T, H, n]` chosen from the compressed attention (its LSE reused)."""
-    return select_from_scores(block_scores(q, k_cmp, lse_cmp, l, d, l_sel, scale, qseq, kseq), n, l_sel, qseq)
+    return select_from_masked(block_scores(q, k_cmp, lse_cmp, l, d, l_sel, scale, qseq, kseq), n)

@@ -89,15 +89,17 @@ def test_compile_nsa_block_scores(fam, sm90_target):
     assert "__global__" in kern.get_kernel_source()
 
 
+@pytest.mark.parametrize("ties", [True, False], ids=["integer-scores", "float-scores"])
 @pytest.mark.parametrize("T,ls,n,varlen", [(300, 16, 5, False), (200, 32, 3, False), (97, 8, 16, False), (250, 16, 4, True)])
-def test_select_from_scores_equals_reference(T, ls, n, varlen):
-    """Integer scores make many exact ties: the tie rule (lower id first) must match exactly."""
+def test_select_from_scores_equals_reference(T, ls, n, varlen, ties):
+    """Integer scores make many exact ties (the exact int64 path; lower id first must match
+    exactly); float scores have none (the fp32 top-(n+1) path)."""
     g = torch.Generator().manual_seed(T)
     B = 1 if varlen else 2
     cu = random_cu_seqlens(T, 3, min_len=10, seed=T) if varlen else None
     lens = [T] if cu is None else torch.diff(cu).tolist()
     NS = -(-max(lens) // ls)
-    scores = torch.randint(0, 4, (B, T, 3, NS), generator=g).float()
+    scores = torch.randint(0, 4, (B, T, 3, NS), generator=g).float() if ties else torch.rand(B, T, 3, NS, generator=g)
     ref = R.select_blocks(scores, n, ls, cu)
     assert torch.equal(select_from_scores(scores, n, ls, SeqInfo.build(cu, B, T, "cpu")), ref.int())
 

@@ -1,0 +1,60 @@
+"""Where nsa()'s forward time goes: each step of the compressed branch and the selection alone.
+
+    python benchmarks/profile_nsa.py [--T 32768 65536] [--l 64 --d 64 --ls 64]
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import bench_ms  # noqa: E402
+from kernels.sliding import W_CAP  # noqa: E402
+from nsa_module.common import SeqInfo  # noqa: E402
+from nsa_module.compressed import compress_mean, compressed_layout  # noqa: E402
+from nsa_module.sliding import banded_fwd  # noqa: E402
+from nsa_module.topk import _select_exact, block_scores, select_from_masked  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="+", default=[32768, 65536])
+    ap.add_argument("--G", type=int, default=16)
+    ap.add_argument("--H", type=int, default=4)
+    ap.add_argument("--K", type=int, default=128)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--l", type=int, default=64)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--ls", type=int, default=64)
+    a = ap.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    print(torch.cuda.get_device_name(), f"G={a.G} H={a.H} K=V={a.K} l={a.l} d={a.d} l'={a.ls} n={a.n}")
+    for T in a.T:
+        g = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(1, T, a.G * a.H, a.K, device=dev, dtype=dt, generator=g)
+        k = torch.randn(1, T, a.H, a.K, device=dev, dtype=dt, generator=g)
+        v = torch.randn(1, T, a.H, a.K, device=dev, dtype=dt, generator=g)
+        gate = torch.ones(1, T, a.G * a.H, device=dev, dtype=dt)
+        scale = a.K ** -0.5
+        qseq = SeqInfo.build(None, 1, T, dev)
+        kseq = compressed_layout((T,), a.l, a.d, dev)
+        kc, vc = compress_mean(k, v, a.l, a.d)
+        _, _, lse = banded_fwd(q, kc, vc, gate, W_CAP, a.d, a.l - 1, scale, qseq, kseq)
+        s = block_scores(q, kc, lse, a.l, a.d, a.ls, scale, qseq, kseq)
+        steps = {
+            "compress_mean": lambda: compress_mean(k, v, a.l, a.d),
+            "compressed fwd": lambda: banded_fwd(q, kc, vc, gate, W_CAP, a.d, a.l - 1, scale, qseq, kseq),
+            "block_scores": lambda: block_scores(q, kc, lse, a.l, a.d, a.ls, scale, qseq, kseq),
+            "select (fp32 top-(n+1))": lambda: select_from_masked(s, a.n),
+            "select exact int64 (all rows)": lambda: _select_exact(s.view(-1, s.shape[-1]), a.n),
+        }
+        for name, fn in steps.items():
+            print(f"T={T} {name}: {bench_ms(fn, rep=100):.3f} ms", flush=True)
+        del q, k, v, s
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
