@@ -89,11 +89,12 @@ def test_compile_nsa_block_scores(fam, sm90_target):
     assert "__global__" in kern.get_kernel_source()
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fp32-topk"])
 @pytest.mark.parametrize("ties", [True, False], ids=["integer-scores", "float-scores"])
 @pytest.mark.parametrize("T,ls,n,varlen", [(300, 16, 5, False), (200, 32, 3, False), (97, 8, 16, False), (250, 16, 4, True)])
-def test_select_from_scores_equals_reference(T, ls, n, varlen, ties):
-    """Integer scores make many exact ties (the exact int64 path; lower id first must match
-    exactly); float scores have none (the fp32 top-(n+1) path)."""
+def test_select_from_scores_equals_reference(T, ls, n, varlen, ties, fast):
+    """Both selection paths; integer scores make many exact ties (lower id first must match
+    exactly; the fp32 path redoes those rows exactly), float scores have none."""
     g = torch.Generator().manual_seed(T)
     B = 1 if varlen else 2
     cu = random_cu_seqlens(T, 3, min_len=10, seed=T) if varlen else None
@@ -101,7 +102,7 @@ def test_select_from_scores_equals_reference(T, ls, n, varlen, ties):
     NS = -(-max(lens) // ls)
     scores = torch.randint(0, 4, (B, T, 3, NS), generator=g).float() if ties else torch.rand(B, T, 3, NS, generator=g)
     ref = R.select_blocks(scores, n, ls, cu)
-    assert torch.equal(select_from_scores(scores, n, ls, SeqInfo.build(cu, B, T, "cpu")), ref.int())
+    assert torch.equal(select_from_scores(scores, n, ls, SeqInfo.build(cu, B, T, "cpu"), fast), ref.int())
 
 
 def test_query_tiles_never_straddle_sequences():
