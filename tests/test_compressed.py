@@ -13,6 +13,7 @@ import reference as R
 from kernels import sliding as K_swa
 from nsa_module import compress_mean, compressed_attention
 from reference.inputs import random_gates, random_qkv
+from tests.test_selected import rel_err
 from tests.test_sliding import assert_close_rel, run_both
 
 # G, H, K, V, l, d, dtype, varlen, T
@@ -96,3 +97,28 @@ BAD = [
 def test_compressed_bad_input_raises(name, over, exc, msg):
     with pytest.raises(exc, match=msg):
         compressed_attention(**_cpu(**over))
+
+
+@pytest.mark.gpu
+def test_compressed_long_sequence_64bit_offsets():
+    """B·T·HQ·K > 2^31: the last tokens' output and dq against the reference on those tokens, and
+    the gradient of the last compressed keys, which only the last tokens see."""
+    T, HQ, H, K, l, d = 131072 + 1000, 64, 4, 256, 32, 16
+    assert T * HQ * K > 2 ** 31
+    q, k, v = random_qkv(1, T, HQ, H, K, K, dtype=torch.bfloat16, device="cuda", seed=8)
+    k_cmp, v_cmp = (x.requires_grad_() for x in R.compress_kv(k, v, l, d))
+    q.requires_grad_()
+    o = compressed_attention(q, k_cmp, v_cmp, l, d)
+    do = torch.zeros_like(o)
+    tail = slice(T - 100, T)
+    do[:, tail] = torch.randn_like(do[:, tail])
+    o.backward(do)
+    pos = torch.arange(T - 100, T, device="cuda")
+    qf = q.detach()[0, tail].float().requires_grad_()
+    kf, vf = (x.detach()[0].float().requires_grad_() for x in (k_cmp, v_cmp))
+    ref, _ = R.naive.compressed_branch(qf, kf, vf, l, d, K ** -0.5, positions=pos)
+    ref.backward(do[0, tail].float())
+    assert rel_err(o[0, tail], ref) <= 1e-2
+    assert rel_err(q.grad[0, tail], qf.grad) <= 1e-2
+    assert rel_err(k_cmp.grad[0, -4:], kf.grad[-4:]) <= 1e-2
+    assert rel_err(v_cmp.grad[0, -4:], vf.grad[-4:]) <= 1e-2

@@ -155,3 +155,26 @@ BAD = [
 def test_sliding_bad_input_raises(name, over, exc, msg):
     with pytest.raises(exc, match=msg):
         sliding_window_attention(**_cpu(**over))
+
+
+@pytest.mark.gpu
+def test_sliding_long_sequence_64bit_offsets():
+    """B·T·HQ·K > 2^31: the last tokens' output and dq, and dk/dv of the last keys (which only the
+    last W tokens see), against the reference on those tokens."""
+    T, HQ, H, K, W = 131072 + 1000, 64, 4, 256, 512
+    assert T * HQ * K > 2 ** 31
+    q, k, v = random_qkv(1, T, HQ, H, K, K, dtype=torch.bfloat16, device="cuda", seed=7, requires_grad=True)
+    o = sliding_window_attention(q, k, v, W)
+    do = torch.zeros_like(o)
+    tail = slice(T - 100, T)
+    do[:, tail] = torch.randn_like(do[:, tail])
+    o.backward(do)
+    pos = torch.arange(T - 100, T, device="cuda")
+    qf = q.detach()[0, tail].float().requires_grad_()
+    kf, vf = (x.detach()[0, T - 100 - W:].float().requires_grad_() for x in (k, v))
+    ref = R.naive.sliding_branch(qf, kf, vf, W, K ** -0.5, positions=pos - (T - 100 - W))
+    ref.backward(do[0, tail].float())
+    assert rel_err(o[0, tail], ref) <= 1e-2
+    assert rel_err(q.grad[0, tail], qf.grad) <= 1e-2
+    assert rel_err(k.grad[0, T - 64:], kf.grad[-64:]) <= 1e-2
+    assert rel_err(v.grad[0, T - 64:], vf.grad[-64:]) <= 1e-2

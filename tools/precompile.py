@@ -77,6 +77,7 @@ def test_families():
     for G, H, K, V, l, d, dtype, _, _ in test_compressed.GRID:
         fams += compressed(H, G, K, V, l, d, dt(dtype))
     fams += compressed(2, 4, 64, 64, 32, 16, "bfloat16")
+    fams += sliding(4, 16, 256, 256, 512, "bfloat16") + compressed(4, 16, 256, 256, 32, 16, "bfloat16")  # T > 128k
     for G, H, K, V, l, d, ls, n, W, dtype, _, _ in test_nsa.CASES:
         fams += nsa(H, G, K, V, l, d, ls, n, W, dt(dtype))
     fams += nsa(2, 8, 64, 64, 32, 16, 64, 4, 64, "bfloat16")  # test_layer's kernel path
