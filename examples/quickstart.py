@@ -7,7 +7,7 @@ With a CUDA GPU: the TileLang selected-block attention (forward and backward) on
 (T = 8192, 64 query heads over 4 kv heads, 16 blocks of 64), checked against the float32 reference.
 Without one: the whole reference NSA (compression, top-k selection, selected and sliding branches)
 on a small CPU input, checked against full attention where NSA must equal it, and the TileLang
-kernels compiled for Hopper (sm_90) with nvcc when nvcc is present.
+kernels compiled for Hopper (sm_90a) with nvcc when nvcc is present.
 """
 import argparse
 import os
@@ -73,7 +73,7 @@ def cpu_path():
     print(f"  window >= T vs full causal attention:        max abs error {err_swa:.1e}")
 
     if shutil.which("nvcc") is None:
-        print("nvcc not found: skipping the TileLang compile for sm_90")
+        print("nvcc not found: skipping the TileLang compile for sm_90a")
         return
     from kernels.common import SM90_TARGET
     os.environ.setdefault("TILELANG_DEFAULT_TARGET", SM90_TARGET)
@@ -82,7 +82,7 @@ def cpu_path():
     t0 = time.time()
     kernels = selected_kernels(4, 16, 128, 128, 16, 64, "bfloat16", 128 ** -0.5)
     lines = sum(k.get_kernel_source().count("\n") for k in kernels)
-    print(f"  compiled the selected-attention kernels (forward, dQ, dK/dV) for sm_90 with nvcc in "
+    print(f"  compiled the selected-attention kernels (forward, dQ, dK/dV) for sm_90a with nvcc in "
           f"{time.time() - t0:.1f} s ({lines} lines of CUDA); run them on a Hopper GPU")
 
 

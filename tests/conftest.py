@@ -11,7 +11,7 @@ def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available()
     has_nvcc = shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    skip_compile = pytest.mark.skip(reason="needs nvcc to compile TileLang kernels for sm_90")
+    skip_compile = pytest.mark.skip(reason="needs nvcc to compile TileLang kernels for sm_90a")
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)

@@ -2,7 +2,7 @@
 
 gpu: forward and gradients (q, k_cmp, v_cmp, g_cmp) for the paper's (l, d) = (32, 16), fla's
 l = d = 64 and (16, 8); G ∈ {1, 4, 16}; varlen with sequences shorter than one block; T off every
-grid; both dtypes; outputs poisoned first. compile: the strided family builds for sm_90. CPU: checks.
+grid; both dtypes; outputs poisoned first. compile: the strided family builds for sm_90a. CPU: checks.
 """
 from concurrent.futures import ThreadPoolExecutor
 

@@ -5,7 +5,7 @@ scores differ by float rounding: either order is accepted there, and the test sa
 that was), then output and every gradient against the reference run with the same ids, for the
 paper config (l=32, d=16, l'=64, n=16, W=512, G=16, K=192, V=128), fla's l = d = l' = 64, G in
 {1, 4, 16}, varlen with uneven lengths, T off every block grid. compile: the score kernel builds
-for sm_90. CPU: the row-wise selection against the reference (ties included) and the tiling.
+for sm_90a. CPU: the row-wise selection against the reference (ties included) and the tiling.
 """
 import pytest
 import torch

@@ -2,7 +2,7 @@
 
 gpu: forward and every gradient (q, k, v, g_slc) against reference.naive_nsa in float32 over a grid
 that covers G, head dims, block sizes, S, hostile ids, block_counts, varlen, T off the block grid and
-both dtypes; outputs are poisoned with NaN first. compile: every kernel family builds for sm_90 on
+both dtypes; outputs are poisoned with NaN first. compile: every kernel family builds for sm_90a on
 the CPU. CPU: the host-side inverted index and the argument checks.
 """
 import math
@@ -190,7 +190,7 @@ def test_selected_long_sequence_64bit_offsets():
 
 
 # ------------------------------------------------------------------------------------------------
-# compile: every family builds for sm_90 here, without a GPU
+# compile: every family builds for sm_90a here, without a GPU
 # ------------------------------------------------------------------------------------------------
 
 FAMILIES = [(2, 16, 128, 128, 16, 64, "bfloat16"), (4, 1, 64, 64, 4, 16, "float16"), (1, 3, 192, 128, 8, 128, "bfloat16")]

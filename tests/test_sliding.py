@@ -2,7 +2,7 @@
 
 gpu: forward and every gradient (q, k, v, gates) against reference.naive_nsa in float32 over G,
 head dims, W ∈ {1, 7, 64, 512, >= T}, varlen, T off the tile grid and both dtypes, outputs poisoned
-with NaN first; W >= T against SDPA's full causal attention. compile: the family builds for sm_90
+with NaN first; W >= T against SDPA's full causal attention. compile: the family builds for sm_90a
 on the CPU. CPU: the argument checks.
 """
 from concurrent.futures import ThreadPoolExecutor
