@@ -22,6 +22,7 @@ from reference.checks import check_compression, check_cu_seqlens, check_positive
 from .cache import NSACache
 from .common import SeqInfo
 from .compressed import compressed_layout
+from .decode import nsa_decode
 from .nsa import nsa_branches
 
 
@@ -197,7 +198,9 @@ class NativeSparseAttention(nn.Module):
             cache.ckv_v.append(n, v_new[0])
 
     def _decode(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
-        """One new token per sequence, on the reference functions (the decode kernels come later)."""
+        """One new token per sequence: the decode kernels on CUDA fp16/bf16, else the reference."""
+        if self._use_kernels(x):
+            return self._decode_kernels(x, cache)
         N = x.shape[0]
         outs = []
         for n in range(N):
@@ -226,3 +229,24 @@ class NativeSparseAttention(nn.Module):
             outs.append(o.to(x.dtype))
         o = torch.stack(outs, 0)  # [N, 1, HQ, V]
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)"))
+
+    def _decode_kernels(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
+        N = x.shape[0]
+        qs, gs = [], []
+        for n in range(N):  # project and append per sequence (each at its own position)
+            pos = torch.tensor([cache.lengths[n]], device=x.device)
+            q, kv, gates = self._project(x[n:n + 1], pos)
+            self._append(cache, n, {name: (k[0], v[0]) for name, (k, v) in kv.items()})
+            qs.append(q[0, 0])
+            gs.append(torch.stack([g[0, 0] for g in gates]))
+        q = torch.stack(qs)  # [N, HQ, K]
+        g = torch.stack(gs)  # [N, 3, HQ]
+        dev = x.device
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
+        swa = (cache.swa_k.data, cache.swa_v.data, as_t([min(c, self.W) for c in cache.swa_k.count])) \
+            if self.W > 0 else (None, None, None)
+        o, _, reads = nsa_decode(q, cache.ckv_k.data, cache.ckv_v.data, as_t(cache.ckv_k.lengths),
+                                 cache.slc_k.data, cache.slc_v.data, as_t(cache.lengths), *swa,
+                                 (g[:, 0], g[:, 1], g[:, 2]), self.l, self.d, self.l_sel, self.n, self.scale)
+        cache.reads = reads.tolist()
+        return self.o_proj(rearrange(o, "n h v -> n 1 (h v)"))

@@ -56,6 +56,10 @@ def build(fam):
         K_swa.banded_kernels(*args)
     elif name == "selected":
         K_sel.selected_kernels(*args)
+    elif name == "decode":
+        from kernels import decode as K_dec
+        H, G, K, V, BN, dtype, scale = args
+        K_dec.decode_attend(*args, **K_dec.pick_config(G, K, V, BN))
     elif name == "block_scores":
         H, G, K, l, d, ls, dtype, scale = args
         K_topk.block_scores(*args, **K_topk.pick_config(G, K, l, d, ls))
@@ -81,6 +85,7 @@ def test_families():
     for G, H, K, V, l, d, ls, n, W, dtype, _, _ in test_nsa.CASES:
         fams += nsa(H, G, K, V, l, d, ls, n, W, dt(dtype))
     fams += nsa(2, 8, 64, 64, 32, 16, 64, 4, 64, "bfloat16")  # test_layer's kernel path
+    fams += [("decode", (2, 8, 64, 64, 64, "bfloat16", 64 ** -0.5))]  # and its decode
     return fams
 
 
