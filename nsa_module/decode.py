@@ -75,11 +75,10 @@ def nsa_decode(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_swa, sw
     lengths = lengths.to(torch.int32)
 
     C = max(1, min(k_cmp.shape[1], int(num_cmp.max())))  # the stream's used rows, not its capacity
-    k_cmp, v_cmp = k_cmp[:, :C].contiguous(), v_cmp[:, :C].contiguous()
     o_cmp, lse_cmp = decode_attend(q, k_cmp, v_cmp, contiguous_tiles(num_cmp, H, 64, C), num_cmp, 64, scale)
 
     # Eqs. 8-10 from the same logits: p_cmp = exp2(q·k·scale·log2e - lse), zero past each stream
-    logits = torch.einsum("nhgk,nchk->nhgc", q.view(N, H, G, Kd).float(), k_cmp.float())
+    logits = torch.einsum("nhgk,nchk->nhgc", q.view(N, H, G, Kd).float(), k_cmp[:, :C].float())
     p_cmp = torch.exp2(logits * (scale * LOG2E) - lse_cmp.view(N, H, G, 1))
     p_cmp = torch.where(torch.arange(C, device=q.device) < num_cmp.view(N, 1, 1, 1), p_cmp, 0.0)
     NS = max(n + 1, int(lengths.max()) // l_sel + 1)
