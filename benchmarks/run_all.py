@@ -31,7 +31,9 @@ def labelled(rows):
     """Provider names extended by the row's extra keys (G, W, ...) so that tables stay unambiguous."""
     out = []
     for r in rows:
-        extra = {k: v for k, v in r.items() if k not in ("T", "provider", "pass", "ms")}
+        # config keys only (G, W, B); measured extras (tokens_read, kv_GBps) stay in the JSON
+        extra = {k: v for k, v in r.items()
+                 if k not in ("T", "provider", "pass", "ms", "tokens_read") and not isinstance(v, float)}
         name = r["provider"] + "".join(f" {k}={v}" for k, v in sorted(extra.items()))
         out.append(dict(T=r["T"], provider=name, ms=r["ms"], **{"pass": r["pass"]}))
     return out
