@@ -52,6 +52,13 @@ def decode_attend(q, k_cache, v_cache, tile_start, limit, BN: int, scale: float)
     lse_part = torch.empty(N, HQ, ns, dtype=torch.float32, device=q.device)
     _kernel(H, HQ // H, Kd, V, BN, tl_dtype(q.dtype), scale)(
         q, k_cache, v_cache, tile_start, limit, split_arg(ns, q.device), o_part, lse_part)
+    return merge_partials(o_part, lse_part)
+
+
+def merge_partials(o_part: torch.Tensor, lse_part: torch.Tensor):
+    """Softmax partials over disjoint key sets, o_part `[..., NS, V]` (each normalized) and lse_part
+    `[..., NS]` (base 2, -inf for a split that saw nothing) -> (o `[..., V]`, lse `[...]`); rows that
+    saw nothing at all get o = 0 and lse = -inf, never NaN."""
     m = lse_part.amax(-1, keepdim=True)
     w = torch.exp2(lse_part - torch.where(m > float("-inf"), m, 0.0))  # exp2(-inf) = 0 for empty splits
     den = w.sum(-1)
