@@ -102,7 +102,8 @@ def bench_families():
     """The ANCHORS.md benchmark configuration (HQ = 64, H = 4, K = V = 128, bf16)."""
     H, G, K = 4, 16, 128
     return (selected(H, G, K, K, 16, 64, "bfloat16") + sliding(H, G, K, K, 512, "bfloat16")
-            + nsa(H, G, K, K, 32, 16, 64, 16, 512, "bfloat16") + nsa(H, G, K, K, 64, 64, 64, 16, 0, "bfloat16"))
+            + nsa(H, G, K, K, 32, 16, 64, 16, 512, "bfloat16") + nsa(H, G, K, K, 64, 64, 64, 16, 0, "bfloat16")
+            + [("decode", (H, G, K, K, 64, "bfloat16", K ** -0.5))])
 
 
 def main(which):
