@@ -113,3 +113,15 @@ def prepare_block_indices(block_indices, block_counts, B, T, H, like) -> tuple[t
 
 def resolve_scale(scale, K: int) -> float:
     return check_scale(scale, K)
+
+
+@lru_cache(maxsize=None)
+def sm_count(device) -> int:
+    """Streaming multiprocessors of the device: how many programs fill it."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@lru_cache(maxsize=64)
+def split_arg(n: int, device) -> torch.Tensor:
+    """A length-n tensor: split kernels read their split count from its shape."""
+    return torch.zeros(n, dtype=torch.int32, device=device)

@@ -19,8 +19,8 @@ import reference as R
 from kernels import decode as K_dec
 from kernels.common import LOG2E, tl_dtype
 
-from .sliding import sm_count, split_arg
-from .topk import select_from_masked
+from .common import sm_count, split_arg
+from .topk import mask_scores, select_from_masked
 
 
 def contiguous_tiles(n_keys: torch.Tensor, H: int, BN: int, max_keys: int) -> torch.Tensor:
@@ -88,11 +88,9 @@ def nsa_decode(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_swa, sw
     logits = torch.einsum("nhgk,nchk->nhgc", q.view(N, H, G, Kd).float(), k_cmp[:, :C].float())
     p_cmp = torch.exp2(logits * (scale * LOG2E) - lse_cmp.view(N, H, G, 1))
     p_cmp = torch.where(torch.arange(C, device=q.device) < num_cmp.view(N, 1, 1, 1), p_cmp, 0.0)
-    NS = max(n + 1, int(lengths.max()) // l_sel + 1)
+    NS = int(lengths.max()) // l_sel + 1
     s = R.selection_scores(p_cmp.reshape(N, 1, HQ, C), l, d, l_sel, H, num_blocks=NS)  # [N, 1, H, NS]
-    cur = ((lengths - 1) // l_sel).view(N, 1, 1, 1)
-    j = torch.arange(s.shape[-1], device=q.device)
-    s = s.masked_fill(j > cur, float("-inf")).masked_fill((j == 0) | (j == cur) | (j == cur - 1), float("inf"))
+    s = mask_scores(s, l_sel, (lengths - 1).view(N, 1))
     block_indices = select_from_masked(s, n, fast=False)[:, 0]  # [N, H, n]
 
     o_slc, _ = decode_attend(q, k_slc, v_slc, block_tiles(block_indices, l_sel), lengths, l_sel, scale)

@@ -206,8 +206,7 @@ class NativeSparseAttention(nn.Module):
         for n in range(N):
             t = cache.lengths[n]
             pos = torch.tensor([t], device=x.device)
-            q, kv, (g_cmp, g_slc, g_swa) = self._project(x[n:n + 1], pos)
-            self._append(cache, n, {name: (k[0], v[0]) for name, (k, v) in kv.items()})
+            q, (g_cmp, g_slc, g_swa) = self._project_append(x, cache, n)
             cdt = RN.compute_dtype(q.dtype)
             qf = q[0].to(cdt)  # [1, HQ, K]
             kc, vc = cache.ckv_k.get(n).to(cdt), cache.ckv_v.get(n).to(cdt)
@@ -230,13 +229,18 @@ class NativeSparseAttention(nn.Module):
         o = torch.stack(outs, 0)  # [N, 1, HQ, V]
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)"))
 
+    def _project_append(self, x: torch.Tensor, cache: NSACache, n: int):
+        """Sequence n's new token x[n] at its position: q `[1, 1, HQ, K]` and gates (3 × `[1, 1, HQ]`);
+        its keys/values go into the cache."""
+        q, kv, gates = self._project(x[n:n + 1], torch.tensor([cache.lengths[n]], device=x.device))
+        self._append(cache, n, {name: (k[0], v[0]) for name, (k, v) in kv.items()})
+        return q, gates
+
     def _decode_kernels(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
         N = x.shape[0]
         qs, gs = [], []
-        for n in range(N):  # project and append per sequence (each at its own position)
-            pos = torch.tensor([cache.lengths[n]], device=x.device)
-            q, kv, gates = self._project(x[n:n + 1], pos)
-            self._append(cache, n, {name: (k[0], v[0]) for name, (k, v) in kv.items()})
+        for n in range(N):  # each sequence at its own position
+            q, gates = self._project_append(x, cache, n)
             qs.append(q[0, 0])
             gs.append(torch.stack([g[0, 0] for g in gates]))
         q = torch.stack(qs)  # [N, HQ, K]

@@ -6,7 +6,6 @@ atomics and no index are needed (the window fixes which queries reach a key).
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional, Union
 
 import torch
@@ -15,18 +14,8 @@ from kernels import sliding as K_swa
 from kernels.common import tl_dtype
 from reference.checks import check_gate, check_positive_int
 
-from .common import SeqInfo, check_cuda, check_kernel_inputs, empty, resolve_scale
+from .common import SeqInfo, check_cuda, check_kernel_inputs, empty, resolve_scale, sm_count, split_arg
 from .selected import selected_attention
-
-@lru_cache(maxsize=None)
-def sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@lru_cache(maxsize=64)
-def split_arg(n: int, device) -> torch.Tensor:
-    """A length-n tensor: the kernels read the split count from its shape."""
-    return torch.zeros(n, dtype=torch.int32, device=device)
 
 
 def banded_fwd(q, k, v, gate, W: int, KS: int, KC: int, scale: float, qseq: SeqInfo, kseq: SeqInfo):

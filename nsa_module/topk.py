@@ -14,7 +14,7 @@ import torch
 from kernels import topk as K_topk
 from kernels.common import tl_dtype
 
-from .common import SeqInfo, empty
+from .common import SeqInfo
 
 
 @lru_cache(maxsize=16)
@@ -44,14 +44,14 @@ def block_scores(q, k_cmp, lse_cmp, l: int, d: int, l_sel: int, scale: float, qs
     return scores
 
 
-def mask_scores(scores: torch.Tensor, n: int, l_sel: int, positions: torch.Tensor) -> torch.Tensor:
-    """Raw scores `[B, T, H, NS]` -> masked as block_scores returns them, padded to at least n + 1
-    blocks; positions `[T]` are the tokens' positions in their sequences."""
+def mask_scores(scores: torch.Tensor, l_sel: int, positions: torch.Tensor) -> torch.Tensor:
+    """Raw scores `[B, T, H, NS]` -> masked as block_scores returns them; positions `[T]` or `[B, T]`
+    (decoding: one token per sequence, each at its own position) are the tokens' positions in their
+    sequences."""
     B, T, H, NS = scores.shape
-    cur = (positions // l_sel).view(1, T, 1, 1)
-    j = torch.arange(max(NS, n + 1), device=scores.device)
-    s = torch.nn.functional.pad(scores, (0, max(NS, n + 1) - NS), value=float("-inf"))
-    return s.masked_fill(j > cur, float("-inf")).masked_fill((j == 0) | (j == cur) | (j == cur - 1), float("inf"))
+    cur = (positions // l_sel).view(-1 if positions.dim() == 2 else 1, T, 1, 1)
+    j = torch.arange(NS, device=scores.device)
+    return scores.masked_fill(j > cur, float("-inf")).masked_fill((j == 0) | (j == cur) | (j == cur - 1), float("inf"))
 
 
 def _select_exact(s: torch.Tensor, n: int) -> torch.Tensor:
@@ -106,7 +106,7 @@ def _sorted_taken(ids: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
 
 def select_from_scores(scores: torch.Tensor, n: int, l_sel: int, qseq: SeqInfo, fast: Optional[bool] = None) -> torch.Tensor:
     """block_indices `[B, T, H, n]` (int32) from raw scores `[B, T, H, NS]`."""
-    return select_from_masked(mask_scores(scores, n, l_sel, qseq.positions()), n, fast)
+    return select_from_masked(mask_scores(scores, l_sel, qseq.positions()), n, fast)
 
 
 def select_blocks(q, k_cmp, lse_cmp, n: int, l: int, d: int, l_sel: int, scale: float,

@@ -126,16 +126,19 @@ def test_bad_decode_input_raises():
         m(torch.randn(3, 1, SMALL["hidden_size"]), cache=cache)
 
 
+# the gpu tests' layer: G = 8, K = V = 64, paper block sizes, a window
+DEC = dict(hidden_size=256, num_heads=16, num_kv_heads=2, head_dim=64, compress_block=32, compress_stride=16,
+           block_size=64, block_counts=4, window_size=64)
+
+
 @pytest.mark.gpu
 def test_layer_kernels_match_reference_path():
     """The bf16 layer on CUDA: attention on the TileLang kernels against the same bf16 module with
     attention on the float32 reference, so the two differ only in the attention. (Against a float32
     copy of the module the whole bf16 layer, projections included, is ~2% off: that is bf16, not
     the kernels.)"""
-    cfg = dict(hidden_size=256, num_heads=16, num_kv_heads=2, head_dim=64, compress_block=32,
-               compress_stride=16, block_size=64, block_counts=4, window_size=64)
     torch.manual_seed(0)
-    m = NativeSparseAttention(**cfg).cuda().to(torch.bfloat16)
+    m = NativeSparseAttention(**DEC).cuda().to(torch.bfloat16)
     m_ref = copy.deepcopy(m)
     m_ref._use_kernels = lambda x: False
     x = torch.randn(1, 700, 256, device="cuda", dtype=torch.bfloat16)
@@ -144,9 +147,6 @@ def test_layer_kernels_match_reference_path():
     assert not y.isnan().any()
     assert rel_err(y, y_ref) <= 1e-2
 
-
-DEC = dict(hidden_size=256, num_heads=16, num_kv_heads=2, head_dim=64, compress_block=32, compress_stride=16,
-           block_size=64, block_counts=4, window_size=64)
 
 
 @pytest.mark.gpu
