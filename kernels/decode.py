@@ -1,15 +1,24 @@
-"""Decode attention: one new query token per sequence over a cache, split over programs.
+"""NSA decode: one new query token per sequence over its cache, in four launches and no host syncs.
 
-Every NSA branch at decode time is "the G query heads of a kv head attend over a list of key
-tiles": the compressed stream's tiles, the selected blocks, the sliding ring's tiles (softmax does
-not care about key order, so the ring is read slot by slot). The host gives the list as TileStart
-`[N, H, NT]` (first key row of each BN-key tile, -1 for none) and Limit `[N]` (keys at rows >=
-Limit[n] do not exist yet). Program (s, n·H + h) takes tiles s, s + NS, s + 2·NS, … and writes its
-partial softmax: O_part `[N, HQ, NS, V]` (normalized) and LSE_part `[N, HQ, NS]` (base 2, -inf if it
-saw nothing); the host merges the NS partials (log-sum-exp weights). Splitting the tiles over
-programs keeps the GPU busy at batch 1, where N·H programs would leave most SMs idle.
+A step for N sequences (the new token at position t = Len[n] - 1, already in the caches):
 
-Shapes: Q `[N, HQ, K]`, Kc `[N, CAP, H, K]`, Vc `[N, CAP, H, V]` (the cache, rows past Limit unused).
+  1. `decode_compressed`  the G query heads of each kv head attend over the compressed stream, its
+     tiles split over NS1 programs; each writes a normalized partial (O_part, LSE_part base 2) and
+     the raw logits q·k·scale·log2e (Logits), which the selection reuses.
+  2. `decode_select`      one program per (sequence, kv head): the LSE of the G heads from the NS1
+     partials, p_cmp = exp2(logit - LSE) summed over the group, the Eq. 9 block scores in shared
+     memory, then the top-n by n rounds of a block-wide argmax (ties toward the lower id; block 0
+     and the two local blocks forced first). BlockIdx `[N, H, n]` ascending, -1 padded.
+  3. `decode_sparse`      the selected blocks (grid z = 0) and the sliding ring (z = 1), each split
+     over NS3 programs, write their partials (a ring is read slot by slot: softmax ignores order).
+  4. `decode_combine`     per (sequence, query head): the LSE merge of each branch's partials, times
+     its gate, summed: O `[N, HQ, V]`.
+
+Every trip count comes from device tensors (Len, NumCmp, WinCount), so a step is CUDA-graph
+capturable. Partials share one buffer: columns [0, NS1) compressed, then NS3 selected, NS3 sliding.
+
+Shapes: Q `[N, HQ, K]`; compressed stream Kc/Vc `[N, CC, H, K|V]`; raw cache Ks/Vs `[N, CAP, H,
+K|V]`; ring Kw/Vw `[N, RW, H, K|V]`; O_part `[N, HQ, NST, V]` and LSE_part `[N, HQ, NST]` fp32.
 """
 
 import tilelang
@@ -17,20 +26,55 @@ import tilelang.language as T
 
 from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16
 
+SELECT_SMEM_BYTES = 160 * 1024  # decode_select keeps a sequence's block scores in shared memory
+MAX_SPLITS = 64  # programs per (sequence, kv head, branch); the merges unroll over this many
 
-def pick_config(G: int, K: int, V: int, BN: int) -> dict:
+
+def pick_config(G: int) -> dict:
     """M = G rows padded to 16, one warp per 16 rows (FullRow keeps P in registers; with fewer rows
-    than warps TileLang would split the columns). Few threads per program, many programs: the
-    host splits the tiles so that the GPU holds several programs per SM."""
+    than warps TileLang would split the columns). Small programs, many of them: the host splits
+    the tiles so that the GPU holds several programs per SM."""
     M = pad16(G)
     return dict(M=M, threads=32 * (M // 16))
 
 
+def select_blocks_max(capacity: int, d: int, l_sel: int) -> int:
+    """decode_select's compile-time bound on a sequence's selection blocks for a raw cache of
+    `capacity` tokens: a power of two (one kernel per doubling of the cache), or 0 if its scores
+    would not fit in shared memory."""
+    nb = 32
+    while nb * l_sel < capacity:
+        nb *= 2
+    return nb if nb * (l_sel // d + 1) * 4 <= SELECT_SMEM_BYTES else 0
+
+
+@T.macro
+def load_tile(K_s, V_s, Kc, Vc, i_n, i_h, k0, BN):
+    """Rows k0 … k0+BN-1 of one sequence's kv head into shared memory as bulk copies (rows past
+    the tensor's end read as 0; the caller masks rows that do not exist yet)."""
+    T.copy(Kc[i_n, k0:k0 + BN, i_h, :], K_s)
+    T.copy(Vc[i_n, k0:k0 + BN, i_h, :], V_s)
+
+
+@T.macro
+def write_partial(O_part, LSE_part, acc_o, m, l, i_n, i_h, col, G, M, V, sc):
+    """The program's normalized output and base-2 LSE (0 and -inf if it saw nothing)."""
+    for g, c in T.Parallel(M, V):
+        if g < G:
+            O_part[i_n, i_h * G + g, col, c] = T.if_then_else(l[g] > 0, acc_o[g, c] / l[g], 0)
+    for g in T.Parallel(M):
+        if g < G:
+            LSE_part[i_n, i_h * G + g, col] = T.if_then_else(l[g] > 0, T.log2(l[g]) + m[g] * sc, -T.infinity("float32"))
+
+
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def decode_attend(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale: float,
-                  M: int = 16, threads: int = 128):
-    """Kernel(Q, Kc, Vc, TileStart, Limit, Split, O_part, LSE_part); NS = len(Split)."""
-    N, CAP, NT, NS = T.dynamic("N, CAP, NT, NS")
+def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale: float,
+                      M: int = 16, threads: int = 32, async_copy: bool = True):
+    """Kernel(Q, Kc, Vc, NumCmp, Split1, Logits, O_part, LSE_part): NS1 = len(Split1) programs per
+    (sequence, kv head); program s takes tiles s, s + NS1, … of the NumCmp[n] compressed keys.
+    async_copy: the tile loop as a one-stage software pipeline, so a tile's K and V arrive as
+    asynchronous bulk copies issued together (else through registers)."""
+    N, CC, NS1, NST = T.dynamic("N, CC, NS1, NST")
     HQ = H * G
     sc = scale * LOG2E
     acc = "float32"
@@ -38,15 +82,15 @@ def decode_attend(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale: fl
     @T.prim_func
     def main(
         Q: T.Tensor([N, HQ, K], dtype),
-        Kc: T.Tensor([N, CAP, H, K], dtype),
-        Vc: T.Tensor([N, CAP, H, V], dtype),
-        TileStart: T.Tensor([N, H, NT], "int32"),
-        Limit: T.Tensor([N], "int32"),
-        Split: T.Tensor([NS], "int32"),
-        O_part: T.Tensor([N, HQ, NS, V], acc),
-        LSE_part: T.Tensor([N, HQ, NS], acc),
+        Kc: T.Tensor([N, CC, H, K], dtype),
+        Vc: T.Tensor([N, CC, H, V], dtype),
+        NumCmp: T.Tensor([N], "int32"),
+        Split1: T.Tensor([NS1], "int32"),
+        Logits: T.Tensor([N, HQ, CC], acc),
+        O_part: T.Tensor([N, HQ, NST, V], acc),
+        LSE_part: T.Tensor([N, HQ, NST], acc),
     ):
-        with T.Kernel(NS, N * H, threads=threads) as (i_s, i_nh):
+        with T.Kernel(NS1, N * H, threads=threads) as (i_s, i_nh):
             Q_s = T.alloc_shared([M, K], dtype)
             K_s = T.alloc_shared([BN, K], dtype)
             V_s = T.alloc_shared([BN, V], dtype)
@@ -61,34 +105,305 @@ def decode_attend(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale: fl
 
             i_n = i_nh // H
             i_h = i_nh % H
-            limit = Limit[i_n]
-            for g, d in T.Parallel(M, K):
-                Q_s[g, d] = T.if_then_else(g < G, Q[i_n, i_h * G + T.min(g, G - 1), d], 0)
+            n_keys = T.min(NumCmp[i_n], CC)
+            for g, c in T.Parallel(M, K):
+                Q_s[g, c] = T.if_then_else(g < G, Q[i_n, i_h * G + T.min(g, G - 1), c], 0)
             T.fill(acc_o, 0)
             T.fill(l, 0)
             T.fill(m, -T.infinity(acc))
 
-            for it in T.serial(T.ceildiv(T.max(NT - i_s, 0), NS)):
-                start = TileStart[i_n, i_h, i_s + it * NS]
-                # a missing tile (-1) reads rows [0, BN) and masks them all: no branch around the copy
-                k0 = T.max(start, 0)
-                for j, d in T.Parallel(BN, K):
-                    K_s[j, d] = T.if_then_else(k0 + j < CAP, Kc[i_n, T.min(k0 + j, CAP - 1), i_h, d], 0)
-                for j, d in T.Parallel(BN, V):
-                    V_s[j, d] = T.if_then_else(k0 + j < CAP, Vc[i_n, T.min(k0 + j, CAP - 1), i_h, d], 0)
+            n_it = T.ceildiv(T.max(T.ceildiv(n_keys, BN) - i_s, 0), NS1)
+            for it in (T.Pipelined(n_it, num_stages=1) if async_copy else T.serial(n_it)):
+                k0 = (i_s + it * NS1) * BN
+                load_tile(K_s, V_s, Kc, Vc, i_n, i_h, k0, BN)
                 for g, j in T.Parallel(M, BN):
-                    acc_s[g, j] = T.if_then_else(start >= 0 and start + j < limit, 0, -T.infinity(acc))
+                    acc_s[g, j] = T.if_then_else(k0 + j < n_keys, 0, -T.infinity(acc))
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                for g, j in T.Parallel(M, BN):
+                    if g < G and k0 + j < n_keys:
+                        Logits[i_n, i_h * G + g, k0 + j] = acc_s[g, j] * sc
                 online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V)
                 T.copy(acc_s, acc_s_cast)
                 T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
-            for g, d in T.Parallel(M, V):
-                if g < G:
-                    O_part[i_n, i_h * G + g, i_s, d] = T.if_then_else(l[g] > 0, acc_o[g, d] / l[g], 0)
-            for g in T.Parallel(M):
-                if g < G:
-                    LSE_part[i_n, i_h * G + g, i_s] = T.if_then_else(l[g] > 0, T.log2(l[g]) + m[g] * sc,
-                                                                     -T.infinity(acc))
+            write_partial(O_part, LSE_part, acc_o, m, l, i_n, i_h, i_s, G, M, V, sc)
+
+    return main
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int, threads: int = 256,
+                  U: int = 4):
+    """Kernel(Logits, LSE_part, Split1, NumCmp, Len, BlockIdx): the top-n selection blocks of each
+    (sequence, kv head) from decode_compressed's logits; sequences of at most NB_MAX blocks.
+
+    The scores are kept as order-preserving int32 keys (float bits, negatives flipped), so that a
+    round of the top-n is two single-instruction warp reductions (max key, then min id among
+    equal keys) per level; each thread caches the best of its own blocks and only the owner of a
+    round's winner rescans, for its best block ranked after the winner."""
+    N, CC, NS1, NST = T.dynamic("N, CC, NS1, NST")
+    HQ = H * G
+    acc = "float32"
+    R = l_sel // d  # compressed keys per selection block stride
+    NKJ = (l_sel + l - d) // d  # compressed keys overlapping one selection block
+    first_key = (l - d) // d  # of block j: keys j·R - first_key … j·R - first_key + NKJ - 1
+    NW = threads // 32
+    BIG = 2 ** 30
+    KEY_MIN = -(2 ** 31)  # below every float's key
+    KEY_NEG_INF = -2139095041  # key of -inf: a block that cannot be chosen
+    KEY_POS_INF = 2139095040  # key of +inf: a forced block
+
+    @T.prim_func
+    def main(
+        Logits: T.Tensor([N, HQ, CC], acc),
+        LSE_part: T.Tensor([N, HQ, NST], acc),
+        Split1: T.Tensor([NS1], "int32"),
+        NumCmp: T.Tensor([N], "int32"),
+        Len: T.Tensor([N], "int32"),
+        BlockIdx: T.Tensor([N, H, n_sel], "int32"),
+    ):
+        with T.Kernel(N * H, threads=threads) as i_nh:
+            lse_s = T.alloc_shared([G], acc)
+            P_s = T.alloc_shared([NB_MAX * R], acc)  # Σ_g p_cmp per compressed key
+            S_s = T.alloc_shared([NB_MAX], "int32")  # block score keys
+            wk_s = T.alloc_shared([2, NW], "int32")  # each warp's best of a round (double buffered)
+            wi_s = T.alloc_shared([2, NW], "int32")
+            sel_s = T.alloc_shared([n_sel], "int32")
+            a = T.alloc_local([1], acc)
+            b = T.alloc_local([1], acc)
+            pu = T.alloc_local([U], acc)
+            bk = T.alloc_local([1], "int32")
+            bi = T.alloc_local([1], "int32")
+            pk = T.alloc_local([1], "int32")
+            rank = T.alloc_local([1], "int32")
+
+            tx = T.get_thread_binding(0)
+            lane = tx % 32
+            warp = tx // 32
+            i_n = i_nh // H
+            i_h = i_nh % H
+            n_keys = T.min(NumCmp[i_n], CC)
+            cur = (Len[i_n] - 1) // l_sel  # the new token's block; blocks 0 … cur exist
+            NB = T.min(cur + 1, NB_MAX)
+
+            # each head's LSE over the compressed stream, merged from the NS1 partials (unrolled,
+            # loads clamped instead of guarded so that they are all in flight at once)
+            if tx < G:
+                a[0] = -T.infinity(acc)
+                for s in T.unroll(MAX_SPLITS):
+                    a[0] = T.max(a[0], LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)])
+                b[0] = 0
+                for s in T.unroll(MAX_SPLITS):
+                    x = LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)]
+                    b[0] += T.if_then_else(s < NS1 and a[0] > -T.infinity(acc), T.exp2(x - a[0]), 0)
+                lse_s[tx] = T.if_then_else(b[0] > 0, a[0] + T.log2(b[0]), -T.infinity(acc))
+            T.sync_threads()
+            # Eq. 10: p_cmp summed over the group, per compressed key; U keys per thread a step
+            for kb in T.serial(T.ceildiv(n_keys, threads * U)):
+                for u in T.unroll(U):
+                    pu[u] = 0
+                for g in T.unroll(G):
+                    for u in T.unroll(U):
+                        ik = (kb * U + u) * threads + tx
+                        x = Logits[i_n, i_h * G + g, T.min(ik, CC - 1)]
+                        pu[u] += T.exp2(x - lse_s[g])
+                for u in T.unroll(U):
+                    ik = (kb * U + u) * threads + tx
+                    if ik < n_keys:
+                        P_s[ik] = pu[u]
+            T.sync_threads()
+            # Eq. 9: block j collects the keys overlapping it, weighted by overlap / d; forced blocks
+            # (0 and the two local ones) +inf; each thread keeps the best of its blocks j ≡ tx
+            bk[0] = KEY_MIN
+            bi[0] = BIG
+            for kb in T.serial(T.ceildiv(NB, threads)):
+                j = kb * threads + tx
+                if j < NB:
+                    a[0] = 0
+                    for kk in T.unroll(NKJ):
+                        i = j * R - first_key + kk
+                        w = T.max(T.min(i * d + l, (j + 1) * l_sel) - T.max(i * d, j * l_sel), 0)
+                        if i >= 0 and i < n_keys:
+                            a[0] += P_s[i] * (T.cast(w, acc) / d)
+                    bits = T.reinterpret(a[0], "int32")
+                    key = T.if_then_else(j == 0 or j == cur or j == cur - 1, KEY_POS_INF,
+                                         T.if_then_else(bits >= 0, bits, bits ^ 0x7FFFFFFF))
+                    S_s[j] = key
+                    if key > bk[0]:  # ascending ids: the first of equal keys stays
+                        bk[0] = key
+                        bi[0] = j
+            # top-n: each round the block-wide best (highest key, then lowest id)
+            for rnd in T.serial(n_sel):
+                wk = T.warp_reduce_max(bk[0])
+                wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
+                if lane == 0:
+                    wk_s[rnd % 2, warp] = wk
+                    wi_s[rnd % 2, warp] = wi
+                T.sync_threads()
+                k2 = T.if_then_else(lane < NW, wk_s[rnd % 2, T.min(lane, NW - 1)], KEY_MIN)
+                gk = T.warp_reduce_max(k2)
+                gi = T.warp_reduce_min(T.if_then_else(k2 == gk, wi_s[rnd % 2, T.min(lane, NW - 1)], BIG))
+                if tx == 0:
+                    sel_s[rnd] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
+                if gk > KEY_NEG_INF and gi == bi[0]:
+                    # the owner moves on to its best block ranked after the winner (S_s stays
+                    # read-only: no thread reads another's blocks, so no barrier is needed here)
+                    pk[0] = bk[0]
+                    bk[0] = KEY_MIN
+                    bi[0] = BIG
+                    for kb in T.serial(T.ceildiv(NB, threads)):
+                        j = kb * threads + tx
+                        if j < NB:
+                            k = S_s[j]
+                            if (k < pk[0] or (k == pk[0] and j > gi)) and k > bk[0]:
+                                bk[0] = k
+                                bi[0] = j
+            T.sync_threads()
+            # ascending ids, -1 last: each id's rank among the chosen
+            if tx < n_sel:
+                rank[0] = 0
+                for k in T.serial(n_sel):
+                    ka = T.if_then_else(sel_s[k] >= 0, sel_s[k], BIG)
+                    kt = T.if_then_else(sel_s[tx] >= 0, sel_s[tx], BIG)
+                    rank[0] += T.if_then_else(ka < kt or (ka == kt and k < tx), 1, 0)
+                BlockIdx[i_n, i_h, rank[0]] = sel_s[tx]
+
+    return main
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def decode_sparse(H: int, G: int, K: int, V: int, BS: int, n_sel: int, window: bool, dtype: str, scale: float,
+                  M: int = 16, threads: int = 32):
+    """Kernel(Q, Ks, Vs, Len, BlockIdx, Kw, Vw, WinCount, Split1, Split3, O_part, LSE_part).
+
+    Grid (NS3, N·H, 1 + window): z = 0 attends over the n selected blocks of BS raw tokens (keys
+    at rows >= Len[n] do not exist yet), z = 1 over the ring's min(WinCount[n], RW) filled slots
+    in tiles of BS. Program s takes tiles s, s + NS3, …; its partial goes to column NS1 + z·NS3 + s."""
+    N, CAP, RW, NS1, NS3, NST = T.dynamic("N, CAP, RW, NS1, NS3, NST")
+    HQ = H * G
+    sc = scale * LOG2E
+    acc = "float32"
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor([N, HQ, K], dtype),
+        Ks: T.Tensor([N, CAP, H, K], dtype),
+        Vs: T.Tensor([N, CAP, H, V], dtype),
+        Len: T.Tensor([N], "int32"),
+        BlockIdx: T.Tensor([N, H, n_sel], "int32"),
+        Kw: T.Tensor([N, RW, H, K], dtype),
+        Vw: T.Tensor([N, RW, H, V], dtype),
+        WinCount: T.Tensor([N], "int32"),
+        Split1: T.Tensor([NS1], "int32"),
+        Split3: T.Tensor([NS3], "int32"),
+        O_part: T.Tensor([N, HQ, NST, V], acc),
+        LSE_part: T.Tensor([N, HQ, NST], acc),
+    ):
+        with T.Kernel(NS3, N * H, 2 if window else 1, threads=threads) as (i_s, i_nh, i_br):
+            Q_s = T.alloc_shared([M, K], dtype)
+            K_s = T.alloc_shared([BS, K], dtype)
+            V_s = T.alloc_shared([BS, V], dtype)
+            acc_s = T.alloc_fragment([M, BS], acc)
+            acc_s_cast = T.alloc_fragment([M, BS], dtype)
+            acc_o = T.alloc_fragment([M, V], acc)
+            m = T.alloc_fragment([M], acc)
+            m_prev = T.alloc_fragment([M], acc)
+            r = T.alloc_fragment([M], acc)
+            l = T.alloc_fragment([M], acc)
+            l_blk = T.alloc_fragment([M], acc)
+
+            i_n = i_nh // H
+            i_h = i_nh % H
+            n_win = T.min(WinCount[i_n], RW)
+            # selected: a tile per block, keys below Len; sliding: the ring's filled slots
+            n_tiles = T.if_then_else(i_br == 0, n_sel, T.ceildiv(n_win, BS))
+            limit = T.if_then_else(i_br == 0, Len[i_n], n_win)
+            for g, c in T.Parallel(M, K):
+                Q_s[g, c] = T.if_then_else(g < G, Q[i_n, i_h * G + T.min(g, G - 1), c], 0)
+            T.fill(acc_o, 0)
+            T.fill(l, 0)
+            T.fill(m, -T.infinity(acc))
+
+            for it in T.serial(T.ceildiv(T.max(n_tiles - i_s, 0), NS3)):
+                tile = i_s + it * NS3
+                blk = T.if_then_else(i_br == 0, BlockIdx[i_n, i_h, T.min(tile, n_sel - 1)], tile)
+                k0 = T.max(blk, 0) * BS  # a padded block (-1) reads block 0 and masks it all
+                if i_br == 0:
+                    load_tile(K_s, V_s, Ks, Vs, i_n, i_h, k0, BS)
+                else:
+                    load_tile(K_s, V_s, Kw, Vw, i_n, i_h, k0, BS)
+                for g, j in T.Parallel(M, BS):
+                    acc_s[g, j] = T.if_then_else(blk >= 0 and k0 + j < limit, 0, -T.infinity(acc))
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BS, V)
+                T.copy(acc_s, acc_s_cast)
+                T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+            write_partial(O_part, LSE_part, acc_o, m, l, i_n, i_h, NS1 + i_br * NS3 + i_s, G, M, V, sc)
+
+    return main
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def decode_combine(HQ: int, V: int, window: bool, dtype: str, threads: int = 128):
+    """Kernel(O_part, LSE_part, Split1, Split3, Gcmp, Gslc, Gswa, O): per (sequence, query head),
+    each branch's partials merged by their LSE (a branch that saw nothing gives 0, never NaN),
+    times its gate `[N, HQ]`, summed into O `[N, HQ, V]`. At most MAX_SPLITS partials a branch;
+    warp b computes branch b's weights, then every column sums its partials with all loads
+    unrolled and clamped (weight 0 past a branch's splits), so that they overlap."""
+    N, NS1, NS3, NST = T.dynamic("N, NS1, NS3, NST")
+    acc = "float32"
+    NBR = 3 if window else 2
+    PL = MAX_SPLITS // 32  # splits per lane
+
+    @T.prim_func
+    def main(
+        O_part: T.Tensor([N, HQ, NST, V], acc),
+        LSE_part: T.Tensor([N, HQ, NST], acc),
+        Split1: T.Tensor([NS1], "int32"),
+        Split3: T.Tensor([NS3], "int32"),
+        Gcmp: T.Tensor([N, HQ], dtype),
+        Gslc: T.Tensor([N, HQ], dtype),
+        Gswa: T.Tensor([N, HQ], dtype),
+        O: T.Tensor([N, HQ, V], dtype),
+    ):
+        with T.Kernel(N * HQ, threads=threads) as i_nq:
+            w_s = T.alloc_shared([3, MAX_SPLITS], acc)  # gate · exp2(lse - max) / Σ, per split
+            e = T.alloc_local([PL], acc)
+            mx = T.alloc_local([1], acc)
+            den = T.alloc_local([1], acc)
+            o = T.alloc_local([1], acc)
+            tx = T.get_thread_binding(0)
+            lane = tx % 32
+            br = tx // 32
+            i_n = i_nq // HQ
+            i_q = i_nq % HQ
+            if br < NBR:
+                lo = T.if_then_else(br == 0, 0, NS1 + (br - 1) * NS3)
+                ns = T.if_then_else(br == 0, NS1, NS3)
+                mx[0] = -T.infinity(acc)
+                for u in T.unroll(PL):
+                    x = LSE_part[i_n, i_q, T.min(lo + T.min(u * 32 + lane, ns - 1), NST - 1)]
+                    e[u] = T.if_then_else(u * 32 + lane < ns, x, -T.infinity(acc))
+                    mx[0] = T.max(mx[0], e[u])
+                mx[0] = T.warp_reduce_max(mx[0])
+                den[0] = 0
+                for u in T.unroll(PL):
+                    e[u] = T.if_then_else(mx[0] > -T.infinity(acc), T.exp2(e[u] - mx[0]), 0)
+                    den[0] += e[u]
+                den[0] = T.warp_reduce_sum(den[0])
+                gate = T.if_then_else(br == 0, Gcmp[i_n, i_q], T.if_then_else(br == 1, Gslc[i_n, i_q], Gswa[i_n, i_q]))
+                for u in T.unroll(PL):
+                    w_s[br, u * 32 + lane] = T.if_then_else(den[0] > 0, e[u] * T.cast(gate, acc) / den[0], 0)
+            T.sync_threads()
+            for cb in T.serial(T.ceildiv(V, threads)):
+                c = cb * threads + tx
+                if c < V:
+                    o[0] = 0
+                    for b in T.unroll(NBR):
+                        lo = T.if_then_else(b == 0, 0, NS1 + (b - 1) * NS3)
+                        for s in T.unroll(MAX_SPLITS):
+                            o[0] += w_s[b, s] * O_part[i_n, i_q, T.min(lo + s, NST - 1), c]
+                    O[i_n, i_q, c] = T.cast(o[0], dtype)
 
     return main

@@ -10,7 +10,7 @@ Tensors are preallocated and grow by doubling; with shared K/V the branches shar
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -38,6 +38,13 @@ class GrowingBuffer:
         self.data[b, n0:n0 + x.shape[0]] = x
         self.lengths[b] = n0 + x.shape[0]
 
+    def append_rows(self, x: torch.Tensor) -> None:
+        """x `[B, H, D]`: one new entry for every sequence, in one indexed write."""
+        rows = torch.tensor(self.lengths, device=x.device)
+        self._reserve(max(self.lengths) + 1)
+        self.data[torch.arange(len(self.lengths), device=x.device), rows] = x
+        self.lengths = [n + 1 for n in self.lengths]
+
     def get(self, b: int) -> torch.Tensor:
         return self.data[b, : self.lengths[b]]
 
@@ -57,6 +64,12 @@ class RingBuffer:
         slots = (self.count[b] + torch.arange(x.shape[0] - skip, device=x.device)) % self.W
         self.data[b, slots] = x[skip:]
         self.count[b] += x.shape[0] - skip
+
+    def append_rows(self, x: torch.Tensor) -> None:
+        """x `[B, H, D]`: one new entry for every sequence."""
+        slots = torch.tensor([c % self.W for c in self.count], device=x.device)
+        self.data[torch.arange(len(self.count), device=x.device), slots] = x
+        self.count = [c + 1 for c in self.count]
 
     def get(self, b: int) -> torch.Tensor:
         """The last min(W, count) entries, oldest first."""
@@ -82,7 +95,7 @@ class NSACache:
     ckv_v: GrowingBuffer
     swa_k: Optional[RingBuffer]
     swa_v: Optional[RingBuffer]
-    reads: list = field(default_factory=list)  # tokens read by the last decode step, per sequence
+    last_reads: object = None  # tokens the last decode step read per sequence: a list or a device tensor
 
     @staticmethod
     def empty(batch_size: int, num_kv_heads: int, head_dim: int, v_head_dim: int, compress_block: int,
@@ -96,6 +109,12 @@ class NSACache:
         return NSACache(compress_block, compress_stride, window_size, slc_k, slc_v, cmp_k, cmp_v,
                         buf(K, capacity // compress_stride + 1), buf(V, capacity // compress_stride + 1),
                         ring(K), ring(V), [0] * B)
+
+    @property
+    def reads(self) -> list[int]:
+        """Tokens the last decode step read, per sequence (read back from the device on access)."""
+        r = self.last_reads
+        return r.tolist() if isinstance(r, torch.Tensor) else list(r)
 
     @property
     def lengths(self) -> list[int]:

@@ -17,8 +17,8 @@ POISON_OUTPUTS = False
 
 
 def empty(*shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if POISON_OUTPUTS:  # integers: a value no kernel writes
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -12345, dtype=dtype, device=device)
     return torch.empty(*shape, dtype=dtype, device=device)
 
 

@@ -1,106 +1,158 @@
-"""One decode step of NSA on the kernels: N sequences, one new query token each, over their caches.
+"""One decode step of NSA on the kernels (kernels/decode.py): N sequences, one new query token each.
 
-    o_cmp, lse_cmp = attend(q, compressed stream)          # kernels/decode.py, split over programs
-    ids            = top-n of the Eq. 9-10 block scores     # from q·k_cmp and lse_cmp, torch
-    o_slc          = attend(q, the n selected blocks)
-    o_swa          = attend(q, the sliding ring)
-    o              = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa
+    o_cmp, logits  = attend(q, compressed stream)            # split over programs
+    ids            = top-n of the Eq. 9-10 block scores        # from the logits and the merged LSE
+    o_slc, o_swa   = attend(q, the n selected blocks), attend(q, the sliding ring)
+    o              = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa    # LSE merge of the partials
 
-Semantics are the reference's (reference/naive.py with `positions`): the new token is at position
+Four launches, no host sync, nothing read back: a step can be captured in a CUDA graph. Semantics
+are the reference's (reference/naive.py with `positions`): the new token is at position
 t = length - 1 of its sequence and already in the caches.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
-import reference as R
 from kernels import decode as K_dec
-from kernels.common import LOG2E, tl_dtype
+from kernels.common import tl_dtype
 
-from .common import sm_count, split_arg
-from .topk import mask_scores, select_from_masked
+from .common import check_kernel_dims, empty, sm_count, split_arg
 
-
-def contiguous_tiles(n_keys: torch.Tensor, H: int, BN: int, max_keys: int) -> torch.Tensor:
-    """TileStart `[N, H, NT]` for keys 0 … n_keys[n] - 1 of each sequence (-1 past them)."""
-    NT = max(1, -(-max_keys // BN))
-    start = torch.arange(NT, device=n_keys.device, dtype=torch.int32) * BN
-    start = torch.where(start[None, :] < n_keys[:, None], start[None, :], -1)
-    return start[:, None, :].expand(-1, H, -1).contiguous()
-
-
-def block_tiles(block_indices: torch.Tensor, block_size: int) -> torch.Tensor:
-    """TileStart `[N, H, n]` of selected blocks `[N, H, n]` (one tile per block, -1 stays -1)."""
-    return torch.where(block_indices >= 0, block_indices * block_size, -1).to(torch.int32).contiguous()
+CMP_TILE = 64  # compressed keys per tile of the compressed-branch kernel
+CMP_ASYNC = True  # its tiles as asynchronous bulk copies (kernels/decode.py)
+# decode is memory bound: enough small programs to keep loads in flight (NSA_DECODE_PROGRAMS_PER_SM
+# overrides it for experiments)
+PROGRAMS_PER_SM = int(os.environ.get("NSA_DECODE_PROGRAMS_PER_SM", 4))
 
 
 @lru_cache(maxsize=None)
-def _kernel(H, G, K, V, BN, dtype, scale):
-    return K_dec.decode_attend(H, G, K, V, BN, dtype, scale, **K_dec.pick_config(G, K, V, BN))
+def _kernels(H, G, K, V, l, d, l_sel, n, window, NB_MAX, dtype, scale, cmp_tile=None, cmp_async=None):
+    cfg = K_dec.pick_config(G)
+    cmp_tile = CMP_TILE if cmp_tile is None else cmp_tile
+    cmp_async = CMP_ASYNC if cmp_async is None else cmp_async
+    return (K_dec.decode_compressed(H, G, K, V, cmp_tile, dtype, scale, **cfg, async_copy=cmp_async),
+            K_dec.decode_select(H, G, l, d, l_sel, n, NB_MAX),
+            K_dec.decode_sparse(H, G, K, V, l_sel, n, window, dtype, scale, **cfg),
+            K_dec.decode_combine(H * G, V, window, dtype))
 
 
-def decode_attend(q, k_cache, v_cache, tile_start, limit, BN: int, scale: float):
-    """q `[N, HQ, K]` over the tiles of k/v_cache `[N, CAP, H, K|V]`: (o `[N, HQ, V]` fp32, lse
-    `[N, HQ]` base 2, -inf where nothing was seen)."""
+def _splits(tiles: int, programs: int, device) -> int:
+    """Programs per (sequence, kv head, branch): enough to fill the GPU, at most one per tile (and
+    at most the MAX_SPLITS the merges unroll over)."""
+    return max(1, min(tiles, K_dec.MAX_SPLITS, -(-PROGRAMS_PER_SM * sm_count(device) // programs)))
+
+
+def _check(name, t, shape, dtype=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"nsa_decode: {name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(s is not None and a != s for a, s in zip(t.shape, shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"nsa_decode: {name} must have shape {want}, got {list(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"nsa_decode: {name} must be {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"nsa_decode: {name} must be on {device}, got {t.device}")
+
+
+def _ints(name, t, N, device):
+    _check(name, t, [N], device=device)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"nsa_decode: {name} must be an integer tensor, got {t.dtype}")
+    return t.to(torch.int32).contiguous()
+
+
+def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_swa, swa_count, gates,
+                    l: int, d: int, l_sel: int, n: int, scale: float):
+    """One step, validated and allocated, as its four kernel launches [(name, launch)] and the
+    outputs they fill. q `[N, HQ, K]`; compressed stream k/v_cmp `[N, C, H, K|V]` holding num_cmp `[N]`
+    tokens; raw selected-branch cache k/v_slc `[N, CAP, H, K|V]` holding lengths `[N]` tokens (the
+    new one included; at least 1); sliding ring k/v_swa `[N, W, H, K|V]` with swa_count `[N]`
+    entries ever written (None: no window); gates (g_cmp, g_slc, g_swa) `[N, HQ]`.
+
+    The counts are trusted to match the caches (num_cmp = (length - l) // d + 1 or 0, lengths <= CAP);
+    they stay on the device, so nothing here waits for the GPU."""
+    _check("q", q, [None, None, None])
     N, HQ, Kd = q.shape
-    H, V = k_cache.shape[2], v_cache.shape[-1]
-    NT = tile_start.shape[-1]
-    ns = max(1, min(NT, -(-2 * sm_count(q.device) // (N * H))))
-    o_part = torch.empty(N, HQ, ns, V, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(N, HQ, ns, dtype=torch.float32, device=q.device)
-    _kernel(H, HQ // H, Kd, V, BN, tl_dtype(q.dtype), scale)(
-        q, k_cache, v_cache, tile_start, limit, split_arg(ns, q.device), o_part, lse_part)
-    return merge_partials(o_part, lse_part)
+    dev = q.device
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"nsa_decode takes float16 or bfloat16 q and caches, got q {q.dtype}")
+    _check("k_slc", k_slc, [N, None, None, Kd], q.dtype, dev)
+    H, CAP = k_slc.shape[2], k_slc.shape[1]
+    _check("v_slc", v_slc, [N, CAP, H, None], q.dtype, dev)
+    V = v_slc.shape[-1]
+    check_kernel_dims(q, HQ, H, Kd, V, "nsa_decode")
+    if HQ % H != 0:
+        raise ValueError(f"nsa_decode: q's heads HQ={HQ} must be a multiple of the caches' H={H}")
+    _check("k_cmp", k_cmp, [N, None, H, Kd], q.dtype, dev)
+    _check("v_cmp", v_cmp, [N, k_cmp.shape[1], H, V], q.dtype, dev)
+    window = k_swa is not None
+    if window:
+        _check("k_swa", k_swa, [N, None, H, Kd], q.dtype, dev)
+        _check("v_swa", v_swa, [N, k_swa.shape[1], H, V], q.dtype, dev)
+    if not isinstance(gates, (tuple, list)) or len(gates) != 3:
+        raise TypeError("nsa_decode: gates must be (g_cmp, g_slc, g_swa)")
+    for name, g in zip(("g_cmp", "g_slc", "g_swa"), gates):
+        _check(name, g, [N, HQ], device=dev)
+    NB_MAX = K_dec.select_blocks_max(CAP, d, l_sel)
+    if NB_MAX == 0:
+        raise ValueError(f"nsa_decode: a cache of {CAP} tokens has more selection blocks of {l_sel} than the "
+                         "selection kernel holds in shared memory")
+    num_cmp = _ints("num_cmp", num_cmp, N, dev)
+    lengths = _ints("lengths", lengths, N, dev)
+    if window:
+        swa_count = _ints("swa_count", swa_count, N, dev)
+    if dev.type != "cuda":
+        raise ValueError(f"nsa_decode runs TileLang kernels on CUDA tensors, got q on {dev}")
 
-
-def merge_partials(o_part: torch.Tensor, lse_part: torch.Tensor):
-    """Softmax partials over disjoint key sets, o_part `[..., NS, V]` (each normalized) and lse_part
-    `[..., NS]` (base 2, -inf for a split that saw nothing) -> (o `[..., V]`, lse `[...]`); rows that
-    saw nothing at all get o = 0 and lse = -inf, never NaN."""
-    m = lse_part.amax(-1, keepdim=True)
-    w = torch.exp2(lse_part - torch.where(m > float("-inf"), m, 0.0))  # exp2(-inf) = 0 for empty splits
-    den = w.sum(-1)
-    o = (o_part * w[..., None]).sum(-2) / den.clamp_min(1e-30)[..., None]
-    lse = torch.where(den > 0, m[..., 0] + torch.log2(den.clamp_min(1e-30)), float("-inf"))
-    return o, lse
-
-
-def nsa_decode(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_swa, swa_count, gates,
-               l: int, d: int, l_sel: int, n: int, scale: float):
-    """One step. q `[N, HQ, K]`; compressed stream k/v_cmp `[N, C, H, *]` with num_cmp `[N]` tokens;
-    raw selected-branch cache k/v_slc `[N, CAP, H, *]` with lengths `[N]` (the new token included);
-    sliding ring k/v_swa `[N, W, H, *]` with swa_count `[N]` valid slots (None: no window);
-    gates (g_cmp, g_slc, g_swa) `[N, HQ]`. Returns (o `[N, HQ, V]` in q's dtype, block_indices
-    `[N, H, n]`, tokens read per sequence `[N]`)."""
-    N, HQ, Kd = q.shape
-    H = k_slc.shape[2]
     G = HQ // H
-    g_cmp, g_slc, g_swa = (g.float() for g in gates)
-    num_cmp = num_cmp.to(torch.int32)
-    lengths = lengths.to(torch.int32)
+    dt = tl_dtype(q.dtype)
+    k_c, k_s, k_p, k_o = _kernels(H, G, Kd, V, l, d, l_sel, n, window, NB_MAX, dt, float(scale), CMP_TILE, CMP_ASYNC)
+    CC = k_cmp.shape[1]
+    ns1 = _splits(-(-CC // CMP_TILE), N * H, dev)
+    win_tiles = -(-k_swa.shape[1] // l_sel) if window else 0
+    ns3 = _splits(max(n, win_tiles), N * H * (2 if window else 1), dev)
+    nst = ns1 + ns3 * (2 if window else 1)
+    s1, s3 = split_arg(ns1, dev), split_arg(ns3, dev)
+    q = q.contiguous()
+    logits = torch.empty(N, HQ, CC, dtype=torch.float32, device=dev)
+    o_part = empty(N, HQ, nst, V, dtype=torch.float32, device=dev)
+    lse_part = empty(N, HQ, nst, dtype=torch.float32, device=dev)
+    if not window:  # the kernels' sliding arguments, never read
+        k_swa, v_swa, swa_count = q.new_zeros(N, 1, H, Kd), q.new_zeros(N, 1, H, V), lengths
+    block_indices = empty(N, H, n, dtype=torch.int32, device=dev)
+    o = empty(N, HQ, V, dtype=q.dtype, device=dev)
 
-    C = max(1, min(k_cmp.shape[1], int(num_cmp.max())))  # the stream's used rows, not its capacity
-    o_cmp, lse_cmp = decode_attend(q, k_cmp, v_cmp, contiguous_tiles(num_cmp, H, 64, C), num_cmp, 64, scale)
+    g = [x.contiguous() for x in gates]
+    launches = [
+        ("compressed", lambda: k_c(q, k_cmp, v_cmp, num_cmp, s1, logits, o_part, lse_part)),
+        ("select", lambda: k_s(logits, lse_part, s1, num_cmp, lengths, block_indices)),
+        ("sparse", lambda: k_p(q, k_slc, v_slc, lengths, block_indices, k_swa, v_swa, swa_count, s1, s3, o_part, lse_part)),
+        ("combine", lambda: k_o(o_part, lse_part, s1, s3, *g, o)),
+    ]
+    return launches, (o, block_indices)
 
-    # Eqs. 8-10 from the same logits: p_cmp = exp2(q·k·scale·log2e - lse), zero past each stream
-    logits = torch.einsum("nhgk,nchk->nhgc", q.view(N, H, G, Kd).float(), k_cmp[:, :C].float())
-    p_cmp = torch.exp2(logits * (scale * LOG2E) - lse_cmp.view(N, H, G, 1))
-    p_cmp = torch.where(torch.arange(C, device=q.device) < num_cmp.view(N, 1, 1, 1), p_cmp, 0.0)
-    NS = int(lengths.max()) // l_sel + 1
-    s = R.selection_scores(p_cmp.reshape(N, 1, HQ, C), l, d, l_sel, H, num_blocks=NS)  # [N, 1, H, NS]
-    s = mask_scores(s, l_sel, (lengths - 1).view(N, 1))
-    block_indices = select_from_masked(s, n, fast=False)[:, 0]  # [N, H, n]
 
-    o_slc, _ = decode_attend(q, k_slc, v_slc, block_tiles(block_indices, l_sel), lengths, l_sel, scale)
-    o = g_cmp[..., None] * o_cmp + g_slc[..., None] * o_slc
-    blocks = block_indices[:, 0].long()  # reads of kv head 0, as the reference's cache.reads counts
-    reads = num_cmp.long() + torch.where(blocks >= 0, (lengths.long()[:, None] - blocks * l_sel).clamp(0, l_sel), 0).sum(-1)
-    if k_swa is not None:
-        swa_count = swa_count.to(torch.int32)
-        W = k_swa.shape[1]
-        o_swa, _ = decode_attend(q, k_swa, v_swa, contiguous_tiles(swa_count, H, 64, W), swa_count, 64, scale)
-        o = o + g_swa[..., None] * o_swa
-        reads = reads + swa_count.long()
-    return o.to(q.dtype), block_indices, reads
+def nsa_decode(*args, **kwargs):
+    """One decode step; arguments as `decode_launches`. Returns (o `[N, HQ, V]` in q's dtype,
+    block_indices `[N, H, n]` int32, ascending, -1 padded)."""
+    launches, out = decode_launches(*args, **kwargs)
+    for _, launch in launches:
+        launch()
+    return out
+
+
+def decode_reads(block_indices: torch.Tensor, num_cmp: torch.Tensor, lengths: torch.Tensor,
+                 swa_count: Optional[torch.Tensor], l_sel: int, window: int) -> torch.Tensor:
+    """Tokens one step read per sequence `[N]` (int64), counted for kv head 0 as the paper's
+    Table 4 does: the compressed stream, the selected blocks' existing tokens, the window."""
+    blocks = block_indices[:, 0].long()
+    lengths = lengths.long()
+    sel = torch.where(blocks >= 0, (lengths[:, None] - blocks * l_sel).clamp(0, l_sel), 0).sum(-1)
+    reads = num_cmp.long() + sel
+    if swa_count is not None:
+        reads = reads + swa_count.long().clamp(max=window)
+    return reads

@@ -22,7 +22,7 @@ from reference.checks import check_compression, check_cu_seqlens, check_positive
 from .cache import NSACache
 from .common import SeqInfo
 from .compressed import compressed_layout
-from .decode import nsa_decode
+from .decode import decode_reads, nsa_decode
 from .nsa import nsa_branches
 
 
@@ -189,6 +189,10 @@ class NativeSparseAttention(nn.Module):
         if self.W > 0:
             cache.swa_k.append(n, kv["swa"][0])
             cache.swa_v.append(n, kv["swa"][1])
+        self._emit_compressed(cache, n)
+
+    def _emit_compressed(self, cache: NSACache, n: int) -> None:
+        """Compress every block of sequence n that its raw keys/values now complete."""
         have, want = cache.num_compressed(n), cache.expected_compressed(cache.cmp_k.lengths[n])
         if want > have:  # tokens have*d … (want-1)*d + l - 1 make the new compressed tokens
             lo, hi = have * self.d, (want - 1) * self.d + self.l
@@ -199,58 +203,63 @@ class NativeSparseAttention(nn.Module):
 
     def _decode(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
         """One new token per sequence: the decode kernels on CUDA fp16/bf16, else the reference."""
+        q, (g_cmp, g_slc, g_swa) = self._project_append(x, cache)  # q [N, HQ, K], gates [N, HQ]
         if self._use_kernels(x):
-            return self._decode_kernels(x, cache)
-        N = x.shape[0]
-        outs = []
-        for n in range(N):
-            t = cache.lengths[n]
+            o = self._decode_kernels(q, (g_cmp, g_slc, g_swa), cache)
+            return self.o_proj(rearrange(o, "n h v -> n 1 (h v)"))
+        outs, reads = [], []
+        for n in range(x.shape[0]):
+            t = cache.lengths[n] - 1  # the new token's position (it is in the cache already)
             pos = torch.tensor([t], device=x.device)
-            q, (g_cmp, g_slc, g_swa) = self._project_append(x, cache, n)
             cdt = RN.compute_dtype(q.dtype)
-            qf = q[0].to(cdt)  # [1, HQ, K]
+            qf = q[n:n + 1].to(cdt)  # [1, HQ, K]
             kc, vc = cache.ckv_k.get(n).to(cdt), cache.ckv_v.get(n).to(cdt)
             o_cmp, p_cmp = RN.compressed_branch(qf, kc, vc, self.l, self.d, self.scale, positions=pos)
             p_slc = R.selection_scores(p_cmp[None], self.l, self.d, self.l_sel, self.H, num_blocks=t // self.l_sel + 1)
             idx = R.select_blocks(p_slc, self.n, self.l_sel, positions=pos)[0]  # [1, H, n]
             ks, vs = cache.slc_k.get(n).to(cdt), cache.slc_v.get(n).to(cdt)
             counts = torch.full((1, self.H), self.n, device=x.device)
-            o = (o_cmp * g_cmp[0, :, :, None].to(cdt)
+            o = (o_cmp * g_cmp[n, None, :, None].to(cdt)
                  + RN.selected_branch(qf, ks, vs, idx, counts, self.l_sel, self.scale, positions=pos)
-                 * g_slc[0, :, :, None].to(cdt))
-            reads = kc.shape[0] + sum(min(self.l_sel, t + 1 - i * self.l_sel) for i in idx[0, 0].tolist() if i >= 0)
+                 * g_slc[n, None, :, None].to(cdt))
+            r = kc.shape[0] + sum(min(self.l_sel, t + 1 - i * self.l_sel) for i in idx[0, 0].tolist() if i >= 0)
             if self.W > 0:
                 kw, vw = cache.swa_k.get(n).to(cdt), cache.swa_v.get(n).to(cdt)
                 o = o + RN.sliding_branch(qf, kw, vw, self.W, self.scale,
-                                          positions=torch.tensor([kw.shape[0] - 1], device=x.device)) * g_swa[0, :, :, None].to(cdt)
-                reads += kw.shape[0]
-            cache.reads[n] = reads
+                                          positions=torch.tensor([kw.shape[0] - 1], device=x.device)) * g_swa[n, None, :, None].to(cdt)
+                r += kw.shape[0]
+            reads.append(r)
             outs.append(o.to(x.dtype))
+        cache.last_reads = reads
         o = torch.stack(outs, 0)  # [N, 1, HQ, V]
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)"))
 
-    def _project_append(self, x: torch.Tensor, cache: NSACache, n: int):
-        """Sequence n's new token x[n] at its position: q `[1, 1, HQ, K]` and gates (3 × `[1, 1, HQ]`);
-        its keys/values go into the cache."""
-        q, kv, gates = self._project(x[n:n + 1], torch.tensor([cache.lengths[n]], device=x.device))
-        self._append(cache, n, {name: (k[0], v[0]) for name, (k, v) in kv.items()})
-        return q, gates
-
-    def _decode_kernels(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
+    def _project_append(self, x: torch.Tensor, cache: NSACache):
+        """The new tokens x `[N, 1, hidden]`, each at its sequence's position, projected in one batch:
+        q `[N, HQ, K]` and gates (3 × `[N, HQ]`); their keys/values go into the cache (one indexed
+        write per buffer), then every compressed token now complete is emitted."""
         N = x.shape[0]
-        qs, gs = [], []
-        for n in range(N):  # each sequence at its own position
-            q, gates = self._project_append(x, cache, n)
-            qs.append(q[0, 0])
-            gs.append(torch.stack([g[0, 0] for g in gates]))
-        q = torch.stack(qs)  # [N, HQ, K]
-        g = torch.stack(gs)  # [N, 3, HQ]
-        dev = x.device
+        positions = torch.tensor(cache.lengths, device=x.device)
+        q, kv, gates = self._project(x.view(1, N, -1), positions)  # the batch as one sequence of N tokens
+        cache.slc_k.append_rows(kv["slc"][0][0])
+        cache.slc_v.append_rows(kv["slc"][1][0])
+        if not self.shared_kv:
+            cache.cmp_k.append_rows(kv["cmp"][0][0])
+            cache.cmp_v.append_rows(kv["cmp"][1][0])
+        if self.W > 0:
+            cache.swa_k.append_rows(kv["swa"][0][0])
+            cache.swa_v.append_rows(kv["swa"][1][0])
+        for n in range(N):
+            self._emit_compressed(cache, n)
+        return q[0], tuple(g[0] for g in gates)
+
+    def _decode_kernels(self, q, gates, cache: NSACache) -> torch.Tensor:
+        """`[N, HQ, V]` from kernels/decode.py; the read counts stay on the device until asked for."""
+        dev = q.device
         as_t = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
-        swa = (cache.swa_k.data, cache.swa_v.data, as_t([min(c, self.W) for c in cache.swa_k.count])) \
-            if self.W > 0 else (None, None, None)
-        o, _, reads = nsa_decode(q, cache.ckv_k.data, cache.ckv_v.data, as_t(cache.ckv_k.lengths),
-                                 cache.slc_k.data, cache.slc_v.data, as_t(cache.lengths), *swa,
-                                 (g[:, 0], g[:, 1], g[:, 2]), self.l, self.d, self.l_sel, self.n, self.scale)
-        cache.reads = reads.tolist()
-        return self.o_proj(rearrange(o, "n h v -> n 1 (h v)"))
+        num_cmp, lengths = as_t(cache.ckv_k.lengths), as_t(cache.lengths)
+        swa = (cache.swa_k.data, cache.swa_v.data, as_t(cache.swa_k.count)) if self.W > 0 else (None, None, None)
+        o, idx = nsa_decode(q, cache.ckv_k.data, cache.ckv_v.data, num_cmp, cache.slc_k.data, cache.slc_v.data,
+                            lengths, *swa, gates, self.l, self.d, self.l_sel, self.n, self.scale)
+        cache.last_reads = decode_reads(idx, num_cmp, lengths, swa[2], self.l_sel, self.W)
+        return o

@@ -1,44 +1,164 @@
-"""Decode glue on the CPU: tile tables and the merge of split softmax partials (the kernels that
-fill the partials are tested on the GPU through the layer, tests/test_layer.py)."""
+"""nsa_decode (kernels/decode.py): one step for N sequences of different lengths against the
+reference decode, on the GPU; its host checks, read counts and selection bound on the CPU."""
+import pytest
 import torch
 
-from nsa_module.decode import block_tiles, contiguous_tiles, merge_partials
+import reference as R
+from kernels import decode as K_dec
+from nsa_module.decode import decode_reads, nsa_decode
+from reference import naive as RN
+from tests.test_selected import rel_err
 
 
-def test_contiguous_tiles_cover_each_sequence_and_nothing_more():
-    t = contiguous_tiles(torch.tensor([0, 1, 64, 65, 200], dtype=torch.int32), H=2, BN=64, max_keys=200)
-    assert t.shape == (5, 2, 4) and t.dtype == torch.int32 and t.is_contiguous()
-    assert t[:, 0].tolist() == [[-1, -1, -1, -1], [0, -1, -1, -1], [0, -1, -1, -1], [0, 64, -1, -1],
-                                [0, 64, 128, 192]]
-    assert torch.equal(t[:, 0], t[:, 1])
+def make_caches(N, H, HQ, K, V, l, d, W, lengths, dtype, device, cap_pad=37, seed=0):
+    """Random caches as a prefill would leave them: raw keys/values of `lengths` tokens (capacity a
+    little larger), the compressed stream of (length - l) // d + 1 tokens and the ring's last W."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    CAP = max(lengths) + cap_pad
+    num_cmp = [0 if t < l else (t - l) // d + 1 for t in lengths]
+    k, v = rnd(N, CAP, H, K), rnd(N, CAP, H, V)
+    kc, vc = rnd(N, max(num_cmp) + 3, H, K), rnd(N, max(num_cmp) + 3, H, V)
+    ring = None
+    if W > 0:
+        kw, vw = torch.zeros(N, W, H, K, device=device, dtype=dtype), torch.zeros(N, W, H, V, device=device, dtype=dtype)
+        for n, t in enumerate(lengths):
+            for c in range(max(0, t - W), t):  # token c lives in slot c % W
+                kw[n, c % W], vw[n, c % W] = k[n, c], v[n, c]
+        ring = (kw, vw)
+    q = rnd(N, HQ, K)
+    gates = tuple(torch.rand(N, HQ, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    return q, (k, v), (kc, vc), num_cmp, ring, gates
 
 
-def test_block_tiles_keep_padding():
-    idx = torch.tensor([[[0, 3, -1]]])
-    assert block_tiles(idx, 32).tolist() == [[[0, 96, -1]]]
+def reference_decode(q, kv, ckv, num_cmp, gates, lengths, l, d, ls, n, W, scale):
+    """Per sequence, float32: (o `[N, HQ, V]`, block ids `[N, H, n]`, block scores `[N, H, NS]`)."""
+    H = kv[0].shape[2]
+    outs, ids, scores = [], [], []
+    for b, t in enumerate(lengths):
+        pos = torch.tensor([t - 1], device=q.device)
+        qf = q[b:b + 1].float()
+        kc, vc = ckv[0][b, :num_cmp[b]].float(), ckv[1][b, :num_cmp[b]].float()
+        o_cmp, p_cmp = RN.compressed_branch(qf, kc, vc, l, d, scale, positions=pos)
+        p_slc = R.selection_scores(p_cmp[None], l, d, ls, H, num_blocks=(t - 1) // ls + 1)
+        idx = R.select_blocks(p_slc, n, ls, positions=pos)[0]  # [1, H, n]
+        ks, vs = kv[0][b, :t].float(), kv[1][b, :t].float()
+        cnt = torch.full((1, H), n, device=q.device)
+        g_cmp, g_slc, g_swa = (x[b:b + 1, :, None].float() for x in gates)
+        o = o_cmp * g_cmp + RN.selected_branch(qf, ks, vs, idx, cnt, ls, scale, positions=pos) * g_slc
+        if W > 0:
+            o = o + RN.sliding_branch(qf, ks, vs, W, scale, positions=pos) * g_swa
+        outs.append(o[0])
+        ids.append(idx[0])
+        scores.append(p_slc[0, 0])
+    return torch.stack(outs), torch.stack(ids), scores
 
 
-def test_merge_partials_equals_one_softmax():
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(3, 4, 100, generator=g) * 3  # logits of 3 rows × 4 heads over 100 keys (base 2)
-    v = torch.randn(100, 8, generator=g)
-    splits = [range(0, 10), range(10, 60), range(60, 60), range(60, 100)]  # one empty split
-    o_part, lse_part = [], []
-    for r in splits:
-        r = list(r)
-        if not r:
-            o_part.append(torch.zeros(3, 4, 8))
-            lse_part.append(torch.full((3, 4), float("-inf")))
-            continue
-        p = torch.exp2(s[..., r] - s[..., r].amax(-1, keepdim=True))
-        o_part.append(p @ v[r] / p.sum(-1, keepdim=True))
-        lse_part.append(torch.log2(torch.exp2(s[..., r]).sum(-1)))
-    o, lse = merge_partials(torch.stack(o_part, -2), torch.stack(lse_part, -1))
-    p = torch.softmax(s * torch.log(torch.tensor(2.0)), -1)
-    assert torch.allclose(o, p @ v, atol=1e-5)
-    assert torch.allclose(lse, torch.log2(torch.exp2(s).sum(-1)), atol=1e-5)
+# (G, H, K, V, l, d, l', n, W, dtype, lengths): lengths include a sequence shorter than l (no
+# compressed token), one with fewer blocks than n (padding), ring not yet full, blocks ending mid-way
+CASES = [
+    (16, 4, 128, 128, 32, 16, 64, 16, 512, torch.bfloat16, [5000, 1, 31, 300, 8191]),
+    (8, 2, 64, 64, 32, 16, 64, 4, 64, torch.bfloat16, [100, 65, 2000]),
+    (16, 2, 192, 128, 32, 16, 64, 16, 512, torch.bfloat16, [3000, 777]),
+    (1, 4, 64, 64, 16, 8, 32, 5, 0, torch.float16, [900, 33, 2]),
+    (4, 2, 128, 128, 64, 64, 64, 16, 100, torch.float16, [4096, 1500, 64]),
+]
 
 
-def test_merge_partials_of_nothing_is_zero_not_nan():
-    o, lse = merge_partials(torch.zeros(2, 3, 5), torch.full((2, 3), float("-inf")))
-    assert (o == 0).all() and torch.isinf(lse).all() and (lse < 0).all()
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[0]}-K{c[2]}V{c[3]}-l{c[4]}d{c[5]}ls{c[6]}-n{c[7]}-W{c[8]}")
+def test_nsa_decode_matches_reference(case, poison_outputs):
+    from tests.test_nsa import check_selection
+    G, H, K, V, l, d, ls, n, W, dtype, lengths = case
+    N, HQ, dev = len(lengths), G * H, "cuda"
+    scale = K ** -0.5
+    q, kv, ckv, num_cmp, ring, gates = make_caches(N, H, HQ, K, V, l, d, W, lengths, dtype, dev)
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
+    swa = (*ring, as_t(lengths)) if W > 0 else (None, None, None)
+    o, idx = nsa_decode(q, *ckv, as_t(num_cmp), *kv, as_t(lengths), *swa, gates, l, d, ls, n, scale)
+    o_ref, idx_ref, scores = reference_decode(q, kv, ckv, num_cmp, gates, lengths, l, d, ls, n, W, scale)
+    assert not o.isnan().any()
+    assert rel_err(o, o_ref) <= 1e-2
+    # ids: equal, or different only between blocks whose reference scores tie; padding identical
+    assert ((idx < 0) == (idx_ref < 0)).all()
+    NSm = max(s.shape[-1] for s in scores)
+    p = torch.stack([torch.nn.functional.pad(s, (0, NSm - s.shape[-1])) for s in scores])
+    check_selection(idx[:, None], idx_ref[:, None], p[:, None])
+    reads = decode_reads(idx, as_t(num_cmp), as_t(lengths), swa[2], ls, W)
+    want = [c + sum(min(ls, t - i * ls) for i in ids if i >= 0) + (min(W, t) if W > 0 else 0)
+            for c, t, ids in zip(num_cmp, lengths, idx_ref[:, 0].tolist())]
+    assert reads.tolist() == want
+
+
+@pytest.mark.gpu
+def test_nsa_decode_is_cuda_graph_capturable():
+    """The step reads nothing back to the host: a captured replay equals the eager step, and a
+    replay after the caches change (one more token) equals the eager step on the new caches."""
+    G, H, K, V, l, d, ls, n, W, dtype, lengths = CASES[1]
+    N, HQ, dev = len(lengths), G * H, "cuda"
+    q, kv, ckv, num_cmp, ring, gates = make_caches(N, H, HQ, K, V, l, d, W, lengths, dtype, dev)
+    nc, ln, wc = (torch.tensor(x, dtype=torch.int32, device=dev) for x in (num_cmp, lengths, lengths))
+    step = lambda: nsa_decode(q, *ckv, nc, *kv, ln, *ring, wc, gates, l, d, ls, n, K ** -0.5)  # noqa: E731
+    o_eager, idx_eager = step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_g, idx_g = step()
+    graph.replay()
+    assert torch.equal(o_g, o_eager) and torch.equal(idx_g, idx_eager)
+    ln += 1  # every sequence one token longer (its key is whatever the cache holds there)
+    nc.copy_(torch.tensor([0 if t < l else (t - l) // d + 1 for t in (ln.tolist())], dtype=torch.int32))
+    wc += 1
+    graph.replay()
+    o_new, idx_new = step()
+    assert torch.equal(o_g, o_new) and torch.equal(idx_g, idx_new)
+
+
+def test_select_blocks_max_doubles_and_bounds_shared_memory():
+    assert K_dec.select_blocks_max(1, 16, 64) == 32
+    assert K_dec.select_blocks_max(65536, 16, 64) == 1024
+    assert K_dec.select_blocks_max(65537, 16, 64) == 2048
+    assert K_dec.select_blocks_max(2 ** 19, 16, 64) == 8192  # 512k tokens: 8192 · 5 floats fit
+    assert K_dec.select_blocks_max(2 ** 20, 16, 64) == 0
+
+
+def test_decode_reads_counts_table_4_terms():
+    idx = torch.tensor([[[0, 2, 3, -1]], [[0, -1, -1, -1]]], dtype=torch.int32)  # [N=2, H=1, n=4]
+    reads = decode_reads(idx, torch.tensor([10, 0]), torch.tensor([200, 5]), torch.tensor([200, 5]), 64, 100)
+    # 10 compressed + blocks 0, 2 full (64 each) + block 3 holds tokens 192..199 (8); window 100
+    assert reads.tolist() == [10 + 64 + 64 + 8 + 100, 0 + 5 + 5]
+
+
+def _args(N=2, HQ=8, H=2, K=64, V=64, CAP=128, dtype=torch.bfloat16):
+    z = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
+    i = torch.ones(N, dtype=torch.int32)
+    return dict(q=z(N, HQ, K), k_cmp=z(N, 9, H, K), v_cmp=z(N, 9, H, V), num_cmp=i, k_slc=z(N, CAP, H, K),
+                v_slc=z(N, CAP, H, V), lengths=i, k_swa=z(N, 16, H, K), v_swa=z(N, 16, H, V), swa_count=i,
+                gates=(z(N, HQ),) * 3, l=32, d=16, l_sel=64, n=4, scale=0.125)
+
+
+@pytest.mark.parametrize("over, exc, msg", [
+    (dict(q=torch.zeros(2, 8, 64)), TypeError, "float16 or bfloat16"),
+    (dict(k_slc=torch.zeros(3, 128, 2, 64, dtype=torch.bfloat16)), ValueError, "k_slc must have shape"),
+    (dict(v_cmp=torch.zeros(2, 8, 2, 64, dtype=torch.bfloat16)), ValueError, "v_cmp must have shape"),
+    (dict(lengths=torch.ones(2)), TypeError, "lengths must be an integer tensor"),
+    (dict(num_cmp=torch.ones(3, dtype=torch.int32)), ValueError, "num_cmp must have shape"),
+    (dict(gates=(torch.zeros(2, 8),) * 2), TypeError, "gates must be"),
+    (dict(q=torch.zeros(2, 5, 64, dtype=torch.bfloat16), gates=(torch.zeros(2, 5),) * 3), ValueError, "multiple"),
+    (dict(), ValueError, "CUDA tensors"),
+])
+def test_bad_decode_arguments_raise(over, exc, msg):
+    with pytest.raises(exc, match=msg):
+        nsa_decode(**{**_args(), **over})
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("G, K, V, window", [(16, 128, 128, True), (8, 64, 64, True), (1, 64, 64, False)])
+def test_compile_decode_kernels(G, K, V, window, sm90_target):
+    from nsa_module.decode import _kernels
+    for kern in _kernels(4, G, K, V, 32, 16, 64, 16, window, 1024, "bfloat16", K ** -0.5):
+        assert "__global__" in kern.get_kernel_source()

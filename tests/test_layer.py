@@ -183,10 +183,3 @@ def test_decode_kernels_match_reference_decode_uneven_lengths():
         ys_ref.append(m_ref(x, cache=cache_ref)[0])
         assert cache.reads == cache_ref.reads
     assert rel_err(torch.cat(ys, 1), torch.cat(ys_ref, 1)) <= 1e-2
-
-
-@pytest.mark.compile
-def test_compile_decode(sm90_target):
-    from kernels import decode as K_dec
-    kern = K_dec.decode_attend(4, 16, 128, 128, 64, "bfloat16", 128 ** -0.5, **K_dec.pick_config(16, 128, 128, 64))
-    assert "__global__" in kern.get_kernel_source()

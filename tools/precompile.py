@@ -48,6 +48,14 @@ def nsa(H, G, K, V, l, d, ls, n, W, dtype, scale=None):
     return fams + (sliding(H, G, K, V, W, dtype, scale) if W > 0 else [])
 
 
+def decode(H, G, K, V, l, d, ls, n, W, capacities, dtype, scale=None):
+    from kernels.decode import select_blocks_max
+    from nsa_module.decode import CMP_ASYNC, CMP_TILE
+    nbs = sorted({select_blocks_max(c, d, ls) for c in capacities})
+    return [("decode", (H, G, K, V, l, d, ls, n, W > 0, nb, dtype, float(scale or K ** -0.5), CMP_TILE, CMP_ASYNC))
+            for nb in nbs]
+
+
 def build(fam):
     name, args = fam
     if name == "sliding":
@@ -57,9 +65,8 @@ def build(fam):
     elif name == "selected":
         K_sel.selected_kernels(*args)
     elif name == "decode":
-        from kernels import decode as K_dec
-        H, G, K, V, BN, dtype, scale = args
-        K_dec.decode_attend(*args, **K_dec.pick_config(G, K, V, BN))
+        from nsa_module.decode import _kernels
+        _kernels(*args)
     elif name == "block_scores":
         H, G, K, l, d, ls, dtype, scale = args
         K_topk.block_scores(*args, **K_topk.pick_config(G, K, l, d, ls))
@@ -85,7 +92,10 @@ def test_families():
     for G, H, K, V, l, d, ls, n, W, dtype, _, _ in test_nsa.CASES:
         fams += nsa(H, G, K, V, l, d, ls, n, W, dt(dtype))
     fams += nsa(2, 8, 64, 64, 32, 16, 64, 4, 64, "bfloat16")  # test_layer's kernel path
-    fams += [("decode", (2, 8, 64, 64, 64, "bfloat16", 64 ** -0.5))]  # and its decode
+    fams += decode(2, 8, 64, 64, 32, 16, 64, 4, 64, [256, 512], "bfloat16")  # and its decode (cache 256 -> 512)
+    from tests import test_decode
+    for G, H, K, V, l, d, ls, n, W, dtype, lengths in test_decode.CASES:
+        fams += decode(H, G, K, V, l, d, ls, n, W, [max(lengths) + 37], dt(dtype))
     return fams
 
 
@@ -103,7 +113,7 @@ def bench_families():
     H, G, K = 4, 16, 128
     return (selected(H, G, K, K, 16, 64, "bfloat16") + sliding(H, G, K, K, 512, "bfloat16")
             + nsa(H, G, K, K, 32, 16, 64, 16, 512, "bfloat16") + nsa(H, G, K, K, 64, 64, 64, 16, 0, "bfloat16")
-            + [("decode", (H, G, K, K, 64, "bfloat16", K ** -0.5))])
+            + decode(H, G, K, K, 32, 16, 64, 16, 512, [8192, 16384, 32768, 65536], "bfloat16"))
 
 
 def main(which):
