@@ -132,8 +132,8 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int, threads: int = 256,
-                  U: int = 4):
+def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int, threads: int = 512,
+                  U: int = 8):
     """Kernel(Logits, LSE_part, Split1, NumCmp, Len, BlockIdx): the top-n selection blocks of each
     (sequence, kv head) from decode_compressed's logits; sequences of at most NB_MAX blocks.
 
@@ -349,12 +349,13 @@ def decode_combine(HQ: int, V: int, window: bool, dtype: str, threads: int = 128
     """Kernel(O_part, LSE_part, Split1, Split3, Gcmp, Gslc, Gswa, O): per (sequence, query head),
     each branch's partials merged by their LSE (a branch that saw nothing gives 0, never NaN),
     times its gate `[N, HQ]`, summed into O `[N, HQ, V]`. At most MAX_SPLITS partials a branch;
-    warp b computes branch b's weights, then every column sums its partials with all loads
-    unrolled and clamped (weight 0 past a branch's splits), so that they overlap."""
+    warp b computes branch b's weights, then every column sums its partials CHUNK at a time, the
+    loads unrolled and clamped (weight 0 past a branch's splits) so that they overlap."""
     N, NS1, NS3, NST = T.dynamic("N, NS1, NS3, NST")
     acc = "float32"
     NBR = 3 if window else 2
     PL = MAX_SPLITS // 32  # splits per lane
+    CHUNK = 16  # partials summed with their loads in flight together (weights 0 past the last)
 
     @T.prim_func
     def main(
@@ -402,8 +403,11 @@ def decode_combine(HQ: int, V: int, window: bool, dtype: str, threads: int = 128
                     o[0] = 0
                     for b in T.unroll(NBR):
                         lo = T.if_then_else(b == 0, 0, NS1 + (b - 1) * NS3)
-                        for s in T.unroll(MAX_SPLITS):
-                            o[0] += w_s[b, s] * O_part[i_n, i_q, T.min(lo + s, NST - 1), c]
+                        ns = T.if_then_else(b == 0, NS1, NS3)
+                        for sb in T.serial(T.ceildiv(ns, CHUNK)):
+                            for u in T.unroll(CHUNK):
+                                s = T.min(sb * CHUNK + u, MAX_SPLITS - 1)
+                                o[0] += w_s[b, s] * O_part[i_n, i_q, T.min(lo + s, NST - 1), c]
                     O[i_n, i_q, c] = T.cast(o[0], dtype)
 
     return main

@@ -23,7 +23,7 @@ from kernels.common import tl_dtype
 from .common import check_kernel_dims, empty, sm_count, split_arg
 
 CMP_TILE = 64  # compressed keys per tile of the compressed-branch kernel
-CMP_ASYNC = True  # its tiles as asynchronous bulk copies (kernels/decode.py)
+CMP_ASYNC = False  # its tiles as cp.async copies: slower on the H100 (docs/perf-notes.md)
 # decode is memory bound: enough small programs to keep loads in flight (NSA_DECODE_PROGRAMS_PER_SM
 # overrides it for experiments)
 PROGRAMS_PER_SM = int(os.environ.get("NSA_DECODE_PROGRAMS_PER_SM", 4))

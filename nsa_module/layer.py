@@ -19,11 +19,9 @@ import reference as R
 from reference import naive as RN
 from reference.checks import check_compression, check_cu_seqlens, check_positive_int, seq_ranges
 
+from . import ops as nsa_ops
 from .cache import NSACache
-from .common import SeqInfo
-from .compressed import compressed_layout
-from .decode import decode_reads, nsa_decode
-from .nsa import nsa_branches
+from .decode import decode_reads
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -129,21 +127,13 @@ class NativeSparseAttention(nn.Module):
         g_cmp, g_slc, g_swa = gates
         k_c, v_c = kv["cmp"]
         k_cmp, v_cmp = R.compress_kv(k_c, v_c, self.l, self.d, self._phi(), cu_seqlens)
-        if self._use_kernels(q):
-            B, T = q.shape[:2]
-            qseq = SeqInfo.build(cu_seqlens, B, T, q.device)
-            kseq = compressed_layout(tuple(qseq.lengths), self.l, self.d, str(q.device))
-            return nsa_branches(q, (k_cmp, v_cmp), kv["slc"], kv.get("swa"), g_cmp, g_slc, g_swa, None, self.n,
-                                self.l, self.d, self.l_sel, self.W, self.scale, cu_seqlens, qseq, kseq)[0]
-        o_cmp, p_cmp = R.compressed_attention(q, k_cmp, v_cmp, self.l, self.d, self.scale, cu_seqlens)
-        with torch.no_grad():
-            p_slc = R.selection_scores(p_cmp, self.l, self.d, self.l_sel, self.H, cu_seqlens)
-            idx = R.select_blocks(p_slc, self.n, self.l_sel, cu_seqlens)
-        o = o_cmp * g_cmp[..., None] + R.naive_nsa(q, *kv["slc"], g_slc, None, idx, None, self.l_sel, 0,
-                                                    self.scale, cu_seqlens)
-        if self.W > 0:
-            o = o + R.naive_nsa(q, *kv["swa"], None, g_swa, None, None, self.l_sel, self.W, self.scale, cu_seqlens)
-        return o
+        if self._use_kernels(q):  # one custom op (nsa_module/ops.py): torch.compile sees no break
+            k_w, v_w = kv["swa"] if self.W > 0 else (None, None)
+            return nsa_ops.attend(q, k_cmp, v_cmp, *kv["slc"], k_w, v_w, g_cmp, g_slc, g_swa if self.W > 0 else None,
+                                  cu_seqlens, self.l, self.d, self.l_sel, self.n, self.W, self.scale)[0]
+        swa = kv["swa"] if self.W > 0 else (None, None)
+        return nsa_ops.attend_reference(q, k_cmp, v_cmp, *kv["slc"], *swa, g_cmp, g_slc, g_swa, cu_seqlens,
+                                        self.l, self.d, self.l_sel, self.n, self.W, self.scale)[0]
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -259,7 +249,7 @@ class NativeSparseAttention(nn.Module):
         as_t = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
         num_cmp, lengths = as_t(cache.ckv_k.lengths), as_t(cache.lengths)
         swa = (cache.swa_k.data, cache.swa_v.data, as_t(cache.swa_k.count)) if self.W > 0 else (None, None, None)
-        o, idx = nsa_decode(q, cache.ckv_k.data, cache.ckv_v.data, num_cmp, cache.slc_k.data, cache.slc_v.data,
-                            lengths, *swa, gates, self.l, self.d, self.l_sel, self.n, self.scale)
+        o, idx = nsa_ops.decode(q, cache.ckv_k.data, cache.ckv_v.data, num_cmp, cache.slc_k.data, cache.slc_v.data,
+                                lengths, *swa, *gates, self.l, self.d, self.l_sel, self.n, self.scale)
         cache.last_reads = decode_reads(idx, num_cmp, lengths, swa[2], self.l_sel, self.W)
         return o
