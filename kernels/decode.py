@@ -132,8 +132,8 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int, threads: int = 512,
-                  U: int = 8):
+def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int, threads: int = 256,
+                  U: int = 2):
     """Kernel(Logits, LSE_part, Split1, NumCmp, Len, BlockIdx): the top-n selection blocks of each
     (sequence, kv head) from decode_compressed's logits; sequences of at most NB_MAX blocks.
 
