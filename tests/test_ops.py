@@ -49,19 +49,6 @@ def test_attend_op_on_cpu_is_the_reference():
     assert torch.equal(out[0], o_ref) and torch.equal(out[-1].long(), idx_ref)
 
 
-def compile_and_compare(model, x, tol, grad=True):
-    y = model(x)
-    compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
-    y_c = compiled(x)
-    assert rel_err(y_c, y) <= tol
-    if grad:
-        ps = [x, *model.parameters()]
-        grads = torch.autograd.grad(y.float().square().sum(), ps)
-        grads_c = torch.autograd.grad(y_c.float().square().sum(), ps)
-        for a, b in zip(grads_c, grads):
-            assert rel_err(a, b) <= tol
-
-
 def test_two_layer_model_compiles_whole_on_cpu(monkeypatch):
     """The layer's kernel path (the custom op) forced on the CPU, where the op runs the reference
     forward: torch.compile traces both layers in one graph, equal to eager."""
@@ -69,8 +56,11 @@ def test_two_layer_model_compiles_whole_on_cpu(monkeypatch):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = TwoLayers(**SMALL)
+    x = torch.randn(2, 45, SMALL["hidden_size"])
     with torch.no_grad():
-        compile_and_compare(model, torch.randn(2, 45, SMALL["hidden_size"]), 1e-4, grad=False)
+        y = model(x)
+        y_c = torch.compile(model, fullgraph=True)(x)  # raises on any graph break
+    assert rel_err(y_c, y) <= 1e-4
 
 
 @pytest.mark.gpu
@@ -84,10 +74,31 @@ def test_attend_op_registrations_gpu(W):
 
 @pytest.mark.gpu
 def test_two_layer_model_compiles_whole_on_gpu():
-    """bf16 on CUDA, the TileLang kernels inside the ops: compiled == eager, outputs and grads."""
+    """bf16 on CUDA, the TileLang kernels inside the ops, compiled whole (fullgraph) and run forward
+    and backward: as accurate as the eager bf16 model against the float32 model on the reference
+    path (the two bf16 graphs round differently, so each is held to the float32 truth: error at most
+    1e-2, or 1.5 times eager's where eager's own is larger)."""
+    import copy
+
     from tests.test_layer import DEC
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = TwoLayers(**DEC).cuda().to(torch.bfloat16)
+    ref = copy.deepcopy(model).float()
+    for a in ref.attn:
+        a._use_kernels = lambda x: False
     x = torch.randn(2, 300, DEC["hidden_size"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    compile_and_compare(model, x, 1e-2)
+    x_ref = x.detach().float().requires_grad_()
+    names = ["x"] + [n for n, _ in model.named_parameters()]
+
+    def run(m, inp):
+        y = m(inp)
+        return [y, *torch.autograd.grad(y.float().square().sum(), [inp, *m.parameters()])]
+    eager, compiled, truth = run(model, x), run(torch.compile(model, fullgraph=True), x), run(ref, x_ref)
+    for name, e, c, t in zip(["y"] + names, eager, compiled, truth):
+        if name.endswith("phi_k.pos"):
+            # adding the same vector to every compressed key shifts each query's logits by a
+            # constant: softmax ignores it, so this gradient is exactly 0 and bf16 gives noise
+            assert c.float().norm() <= 1e-4 * truth[names.index(name.replace(".pos", ".proj.weight")) + 1].norm()
+            continue
+        assert rel_err(c, t) <= max(1e-2, 1.5 * rel_err(e, t)), name
