@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nsa_module.decode as D  # noqa: E402
 from benchmarks.bench_decode import H, HQ, K, L, LS, N_SEL, V, W, D as DS  # noqa: E402
+from benchmarks.common import warm_up_gpu  # noqa: E402
 
 
 def profile(T, B, reps=50):
@@ -51,11 +52,16 @@ def main():
     ap.add_argument("--pps", type=int, nargs="+", default=[D.PROGRAMS_PER_SM])
     ap.add_argument("--cmp", nargs="+", default=[f"{D.CMP_TILE}:{int(D.CMP_ASYNC)}"],
                     help="compressed-kernel variants tile:async, e.g. 64:1 64:0 32:1")
+    ap.add_argument("--sel", nargs="+", default=[f"{D.SELECT_THREADS}:{D.SELECT_U}"],
+                    help="selection-kernel variants threads:keys-per-step, e.g. 256:2 1024:1")
     a = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}; µs per kernel (mean of 50, L2 flushed)")
-    for variant in a.cmp:
+    warm_up_gpu()
+    for variant, sel in [(c, s) for c in a.cmp for s in a.sel]:
         tile, asy = variant.split(":")
         D.CMP_TILE, D.CMP_ASYNC = int(tile), bool(int(asy))
+        D.SELECT_THREADS, D.SELECT_U = (int(x) for x in sel.split(":"))
+        variant = f"{variant} sel {sel}"
         for pps in a.pps:
             D.PROGRAMS_PER_SM = pps
             for B in a.B:
