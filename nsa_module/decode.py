@@ -22,9 +22,9 @@ from kernels.common import tl_dtype
 
 from .common import check_kernel_dims, empty, sm_count, split_arg
 
-CMP_TILE = 64  # compressed keys per tile of the compressed-branch kernel
+CMP_TILE = 32  # compressed keys per tile of the compressed-branch kernel (32: 11 programs per SM, 64: 6)
 CMP_ASYNC = False  # its tiles as cp.async copies: slower on the H100 (docs/perf-notes.md)
-SELECT_THREADS, SELECT_U = 256, 2  # decode_select's block and keys per thread a step
+SELECT_THREADS, SELECT_U = 1024, 1  # decode_select's block and keys per thread a step
 # decode is memory bound: enough small programs to keep loads in flight (NSA_DECODE_PROGRAMS_PER_SM
 # overrides it for experiments)
 PROGRAMS_PER_SM = int(os.environ.get("NSA_DECODE_PROGRAMS_PER_SM", 4))
