@@ -52,16 +52,17 @@ def main():
     ap.add_argument("--pps", type=int, nargs="+", default=[D.PROGRAMS_PER_SM])
     ap.add_argument("--cmp", nargs="+", default=[f"{D.CMP_TILE}:{int(D.CMP_ASYNC)}"],
                     help="compressed-kernel variants tile:async, e.g. 64:1 64:0 32:1")
+    ap.add_argument("--sparse", nargs="+", type=int, default=[D.SPARSE_TILE], help="selected/sliding tile rows")
     ap.add_argument("--sel", nargs="+", default=[f"{D.SELECT_THREADS}:{D.SELECT_U}"],
                     help="selection-kernel variants threads:keys-per-step, e.g. 256:2 1024:1")
     a = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}; µs per kernel (mean of 50, L2 flushed)")
     warm_up_gpu()
-    for variant, sel in [(c, s) for c in a.cmp for s in a.sel]:
+    for variant, sel, sp in [(c, s, p) for c in a.cmp for s in a.sel for p in a.sparse]:
         tile, asy = variant.split(":")
-        D.CMP_TILE, D.CMP_ASYNC = int(tile), bool(int(asy))
+        D.CMP_TILE, D.CMP_ASYNC, D.SPARSE_TILE = int(tile), bool(int(asy)), sp
         D.SELECT_THREADS, D.SELECT_U = (int(x) for x in sel.split(":"))
-        variant = f"{variant} sel {sel}"
+        variant = f"{variant} sel {sel} sparse {sp}"
         for pps in a.pps:
             D.PROGRAMS_PER_SM = pps
             for B in a.B:

@@ -273,12 +273,15 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def decode_sparse(H: int, G: int, K: int, V: int, BS: int, n_sel: int, window: bool, dtype: str, scale: float,
-                  M: int = 16, threads: int = 32):
+                  M: int = 16, threads: int = 32, BT: int = 0):
     """Kernel(Q, Ks, Vs, Len, BlockIdx, Kw, Vw, WinCount, Split1, Split3, O_part, LSE_part).
 
     Grid (NS3, N·H, 1 + window): z = 0 attends over the n selected blocks of BS raw tokens (keys
-    at rows >= Len[n] do not exist yet), z = 1 over the ring's min(WinCount[n], RW) filled slots
-    in tiles of BS. Program s takes tiles s, s + NS3, …; its partial goes to column NS1 + z·NS3 + s."""
+    at rows >= Len[n] do not exist yet), z = 1 over the ring's min(WinCount[n], RW) filled slots;
+    both in tiles of BT rows (BT | BS; 0: BT = BS), a selected block being BS / BT tiles. Program s
+    takes tiles s, s + NS3, …; its partial goes to column NS1 + z·NS3 + s."""
+    BT = BT or BS
+    TPB = BS // BT  # tiles per selected block
     N, CAP, RW, NS1, NS3, NST = T.dynamic("N, CAP, RW, NS1, NS3, NST")
     HQ = H * G
     sc = scale * LOG2E
@@ -301,10 +304,10 @@ def decode_sparse(H: int, G: int, K: int, V: int, BS: int, n_sel: int, window: b
     ):
         with T.Kernel(NS3, N * H, 2 if window else 1, threads=threads) as (i_s, i_nh, i_br):
             Q_s = T.alloc_shared([M, K], dtype)
-            K_s = T.alloc_shared([BS, K], dtype)
-            V_s = T.alloc_shared([BS, V], dtype)
-            acc_s = T.alloc_fragment([M, BS], acc)
-            acc_s_cast = T.alloc_fragment([M, BS], dtype)
+            K_s = T.alloc_shared([BT, K], dtype)
+            V_s = T.alloc_shared([BT, V], dtype)
+            acc_s = T.alloc_fragment([M, BT], acc)
+            acc_s_cast = T.alloc_fragment([M, BT], dtype)
             acc_o = T.alloc_fragment([M, V], acc)
             m = T.alloc_fragment([M], acc)
             m_prev = T.alloc_fragment([M], acc)
@@ -316,7 +319,7 @@ def decode_sparse(H: int, G: int, K: int, V: int, BS: int, n_sel: int, window: b
             i_h = i_nh % H
             n_win = T.min(WinCount[i_n], RW)
             # selected: a tile per block, keys below Len; sliding: the ring's filled slots
-            n_tiles = T.if_then_else(i_br == 0, n_sel, T.ceildiv(n_win, BS))
+            n_tiles = T.if_then_else(i_br == 0, n_sel * TPB, T.ceildiv(n_win, BT))
             limit = T.if_then_else(i_br == 0, Len[i_n], n_win)
             for g, c in T.Parallel(M, K):
                 Q_s[g, c] = T.if_then_else(g < G, Q[i_n, i_h * G + T.min(g, G - 1), c], 0)
@@ -326,16 +329,17 @@ def decode_sparse(H: int, G: int, K: int, V: int, BS: int, n_sel: int, window: b
 
             for it in T.serial(T.ceildiv(T.max(n_tiles - i_s, 0), NS3)):
                 tile = i_s + it * NS3
-                blk = T.if_then_else(i_br == 0, BlockIdx[i_n, i_h, T.min(tile, n_sel - 1)], tile)
-                k0 = T.max(blk, 0) * BS  # a padded block (-1) reads block 0 and masks it all
+                blk = T.if_then_else(i_br == 0, BlockIdx[i_n, i_h, T.min(tile // TPB, n_sel - 1)], 0)
+                # a padded block (-1) reads block 0 and masks it all
+                k0 = T.if_then_else(i_br == 0, T.max(blk, 0) * BS + (tile % TPB) * BT, tile * BT)
                 if i_br == 0:
-                    load_tile(K_s, V_s, Ks, Vs, i_n, i_h, k0, BS)
+                    load_tile(K_s, V_s, Ks, Vs, i_n, i_h, k0, BT)
                 else:
-                    load_tile(K_s, V_s, Kw, Vw, i_n, i_h, k0, BS)
-                for g, j in T.Parallel(M, BS):
+                    load_tile(K_s, V_s, Kw, Vw, i_n, i_h, k0, BT)
+                for g, j in T.Parallel(M, BT):
                     acc_s[g, j] = T.if_then_else(blk >= 0 and k0 + j < limit, 0, -T.infinity(acc))
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BS, V)
+                online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BT, V)
                 T.copy(acc_s, acc_s_cast)
                 T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 

@@ -25,6 +25,7 @@ from .common import check_kernel_dims, empty, sm_count, split_arg
 CMP_TILE = 32  # compressed keys per tile of the compressed-branch kernel (32: 11 programs per SM, 64: 6)
 CMP_ASYNC = False  # its tiles as cp.async copies: slower on the H100 (docs/perf-notes.md)
 SELECT_THREADS, SELECT_U = 1024, 1  # decode_select's block and keys per thread a step
+SPARSE_TILE = 32  # rows per tile of the selected/sliding kernel (a block of l' is l' / 32 tiles)
 # decode is memory bound: enough small programs to keep loads in flight (NSA_DECODE_PROGRAMS_PER_SM
 # overrides it for experiments)
 PROGRAMS_PER_SM = int(os.environ.get("NSA_DECODE_PROGRAMS_PER_SM", 4))
@@ -32,14 +33,15 @@ PROGRAMS_PER_SM = int(os.environ.get("NSA_DECODE_PROGRAMS_PER_SM", 4))
 
 @lru_cache(maxsize=None)
 def _kernels(H, G, K, V, l, d, l_sel, n, window, NB_MAX, dtype, scale, cmp_tile=None, cmp_async=None,
-             sel=None):
+             sel=None, sparse_tile=None):
     cfg = K_dec.pick_config(G)
     cmp_tile = CMP_TILE if cmp_tile is None else cmp_tile
     cmp_async = CMP_ASYNC if cmp_async is None else cmp_async
     sel_threads, sel_u = (SELECT_THREADS, SELECT_U) if sel is None else sel
     return (K_dec.decode_compressed(H, G, K, V, cmp_tile, dtype, scale, **cfg, async_copy=cmp_async),
             K_dec.decode_select(H, G, l, d, l_sel, n, NB_MAX, sel_threads, sel_u),
-            K_dec.decode_sparse(H, G, K, V, l_sel, n, window, dtype, scale, **cfg),
+            K_dec.decode_sparse(H, G, K, V, l_sel, n, window, dtype, scale, **cfg,
+                                BT=min(l_sel, SPARSE_TILE if sparse_tile is None else sparse_tile)),
             K_dec.decode_combine(H * G, V, window, dtype))
 
 
@@ -114,11 +116,12 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
     G = HQ // H
     dt = tl_dtype(q.dtype)
     k_c, k_s, k_p, k_o = _kernels(H, G, Kd, V, l, d, l_sel, n, window, NB_MAX, dt, float(scale), CMP_TILE, CMP_ASYNC,
-                                  (SELECT_THREADS, SELECT_U))
+                                  (SELECT_THREADS, SELECT_U), SPARSE_TILE)
     CC = k_cmp.shape[1]
     ns1 = _splits(-(-CC // CMP_TILE), N * H, dev)
-    win_tiles = -(-k_swa.shape[1] // l_sel) if window else 0
-    ns3 = _splits(max(n, win_tiles), N * H * (2 if window else 1), dev)
+    bt = min(l_sel, SPARSE_TILE)
+    win_tiles = -(-k_swa.shape[1] // bt) if window else 0
+    ns3 = _splits(max(n * (l_sel // bt), win_tiles), N * H * (2 if window else 1), dev)
     nst = ns1 + ns3 * (2 if window else 1)
     s1, s3 = split_arg(ns1, dev), split_arg(ns3, dev)
     q = q.contiguous()
