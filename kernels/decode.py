@@ -57,6 +57,24 @@ def load_tile(K_s, V_s, Kc, Vc, i_n, i_h, k0, BN):
 
 
 @T.macro
+def start_rows(Q, Q_s, acc_o, m, l, i_n, i_h, G, M, K):
+    """The G query heads of kv head i_h as M rows (padding rows 0); an empty running softmax."""
+    for g, c in T.Parallel(M, K):
+        Q_s[g, c] = T.if_then_else(g < G, Q[i_n, i_h * G + T.min(g, G - 1), c], 0)
+    T.fill(acc_o, 0)
+    T.fill(l, 0)
+    T.fill(m, -T.infinity("float32"))
+
+
+@T.macro
+def softmax_pv(acc_s, acc_s_cast, V_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V):
+    """Fold a masked score tile into the running softmax and add P·V to acc_o."""
+    online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V)
+    T.copy(acc_s, acc_s_cast)
+    T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+
+@T.macro
 def write_partial(O_part, LSE_part, acc_o, m, l, i_n, i_h, col, G, M, V, sc):
     """The program's normalized output and base-2 LSE (0 and -inf if it saw nothing)."""
     for g, c in T.Parallel(M, V):
@@ -106,11 +124,7 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
             i_n = i_nh // H
             i_h = i_nh % H
             n_keys = T.min(NumCmp[i_n], CC)
-            for g, c in T.Parallel(M, K):
-                Q_s[g, c] = T.if_then_else(g < G, Q[i_n, i_h * G + T.min(g, G - 1), c], 0)
-            T.fill(acc_o, 0)
-            T.fill(l, 0)
-            T.fill(m, -T.infinity(acc))
+            start_rows(Q, Q_s, acc_o, m, l, i_n, i_h, G, M, K)
 
             n_it = T.ceildiv(T.max(T.ceildiv(n_keys, BN) - i_s, 0), NS1)
             for it in (T.Pipelined(n_it, num_stages=1) if async_copy else T.serial(n_it)):
@@ -122,9 +136,7 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
                 for g, j in T.Parallel(M, BN):
                     if g < G and k0 + j < n_keys:
                         Logits[i_n, i_h * G + g, k0 + j] = acc_s[g, j] * sc
-                online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V)
-                T.copy(acc_s, acc_s_cast)
-                T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+                softmax_pv(acc_s, acc_s_cast, V_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V)
 
             write_partial(O_part, LSE_part, acc_o, m, l, i_n, i_h, i_s, G, M, V, sc)
 
@@ -321,11 +333,7 @@ def decode_sparse(H: int, G: int, K: int, V: int, BS: int, n_sel: int, window: b
             # selected: a tile per block, keys below Len; sliding: the ring's filled slots
             n_tiles = T.if_then_else(i_br == 0, n_sel * TPB, T.ceildiv(n_win, BT))
             limit = T.if_then_else(i_br == 0, Len[i_n], n_win)
-            for g, c in T.Parallel(M, K):
-                Q_s[g, c] = T.if_then_else(g < G, Q[i_n, i_h * G + T.min(g, G - 1), c], 0)
-            T.fill(acc_o, 0)
-            T.fill(l, 0)
-            T.fill(m, -T.infinity(acc))
+            start_rows(Q, Q_s, acc_o, m, l, i_n, i_h, G, M, K)
 
             for it in T.serial(T.ceildiv(T.max(n_tiles - i_s, 0), NS3)):
                 tile = i_s + it * NS3
@@ -339,9 +347,7 @@ def decode_sparse(H: int, G: int, K: int, V: int, BS: int, n_sel: int, window: b
                 for g, j in T.Parallel(M, BT):
                     acc_s[g, j] = T.if_then_else(blk >= 0 and k0 + j < limit, 0, -T.infinity(acc))
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BT, V)
-                T.copy(acc_s, acc_s_cast)
-                T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+                softmax_pv(acc_s, acc_s_cast, V_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BT, V)
 
             write_partial(O_part, LSE_part, acc_o, m, l, i_n, i_h, NS1 + i_br * NS3 + i_s, G, M, V, sc)
 
