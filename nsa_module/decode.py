@@ -124,7 +124,10 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
     ns3 = _splits(max(n * (l_sel // bt), win_tiles), N * H * (2 if window else 1), dev)
     nst = ns1 + ns3 * (2 if window else 1)
     s1, s3 = split_arg(ns1, dev), split_arg(ns3, dev)
-    q = q.contiguous()
+    # the kernels index dense caches: a strided view is copied (a no-op for the layer's buffers)
+    q, k_cmp, v_cmp, k_slc, v_slc = (x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc))
+    if window:
+        k_swa, v_swa = k_swa.contiguous(), v_swa.contiguous()
     logits = torch.empty(N, HQ, CC, dtype=torch.float32, device=dev)
     o_part = empty(N, HQ, nst, V, dtype=torch.float32, device=dev)
     lse_part = empty(N, HQ, nst, dtype=torch.float32, device=dev)
@@ -133,7 +136,7 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
     block_indices = empty(N, H, n, dtype=torch.int32, device=dev)
     o = empty(N, HQ, V, dtype=q.dtype, device=dev)
 
-    g = [x.contiguous() for x in gates]
+    g = [x.to(q.dtype).contiguous() for x in gates]
     launches = [
         ("compressed", lambda: k_c(q, k_cmp, v_cmp, num_cmp, s1, logits, o_part, lse_part)),
         ("select", lambda: k_s(logits, lse_part, s1, num_cmp, lengths, block_indices)),
