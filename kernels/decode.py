@@ -15,7 +15,10 @@ A step for N sequences (the new token at position t = Len[n] - 1, already in the
      its gate, summed: O `[N, HQ, V]`.
 
 Every trip count comes from device tensors (Len, NumCmp, WinCount), so a step is CUDA-graph
-capturable. Partials share one buffer: columns [0, NS1) compressed, then NS3 selected, NS3 sliding.
+capturable. Kernels 2–4 are launched as programmatic dependents (PDL): each may start while its
+predecessor finishes, does what needs none of its predecessor's output (indices, the Q rows), and
+waits (`T.pdl_sync`) before reading it; each predecessor signals (`T.pdl_trigger`) once a program
+has written its results. Partials share one buffer: columns [0, NS1) compressed, then NS3 selected, NS3 sliding.
 
 Shapes: Q `[N, HQ, K]`; compressed stream Kc/Vc `[N, CC, H, K|V]`; raw cache Ks/Vs `[N, CAP, H,
 K|V]`; ring Kw/Vw `[N, RW, H, K|V]`; O_part `[N, HQ, NST, V]` and LSE_part `[N, HQ, NST]` fp32.
@@ -139,6 +142,7 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
                 softmax_pv(acc_s, acc_s_cast, V_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V)
 
             write_partial(O_part, LSE_part, acc_o, m, l, i_n, i_h, i_s, G, M, V, sc)
+            T.pdl_trigger()  # the selection may launch (it waits for this grid before reading)
 
     return main
 
@@ -197,6 +201,7 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             n_keys = T.min(NumCmp[i_n], CC)
             cur = (Len[i_n] - 1) // l_sel  # the new token's block; blocks 0 … cur exist
             NB = T.min(cur + 1, NB_MAX)
+            T.pdl_sync()  # decode_compressed's logits and partials are complete from here on
 
             # each head's LSE over the compressed stream, merged from the NS1 partials (unrolled,
             # loads clamped instead of guarded so that they are all in flight at once)
@@ -279,6 +284,7 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
                     kt = T.if_then_else(sel_s[tx] >= 0, sel_s[tx], BIG)
                     rank[0] += T.if_then_else(ka < kt or (ka == kt and k < tx), 1, 0)
                 BlockIdx[i_n, i_h, rank[0]] = sel_s[tx]
+            T.pdl_trigger()
 
     return main
 
@@ -334,6 +340,7 @@ def decode_sparse(H: int, G: int, K: int, V: int, BS: int, n_sel: int, window: b
             n_tiles = T.if_then_else(i_br == 0, n_sel * TPB, T.ceildiv(n_win, BT))
             limit = T.if_then_else(i_br == 0, Len[i_n], n_win)
             start_rows(Q, Q_s, acc_o, m, l, i_n, i_h, G, M, K)
+            T.pdl_sync()  # the block ids are complete from here on
 
             for it in T.serial(T.ceildiv(T.max(n_tiles - i_s, 0), NS3)):
                 tile = i_s + it * NS3
@@ -350,6 +357,7 @@ def decode_sparse(H: int, G: int, K: int, V: int, BS: int, n_sel: int, window: b
                 softmax_pv(acc_s, acc_s_cast, V_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BT, V)
 
             write_partial(O_part, LSE_part, acc_o, m, l, i_n, i_h, NS1 + i_br * NS3 + i_s, G, M, V, sc)
+            T.pdl_trigger()
 
     return main
 
@@ -389,6 +397,7 @@ def decode_combine(HQ: int, V: int, window: bool, dtype: str, threads: int = 128
             br = tx // 32
             i_n = i_nq // HQ
             i_q = i_nq % HQ
+            T.pdl_sync()  # every partial is complete from here on
             if br < NBR:
                 lo = T.if_then_else(br == 0, 0, NS1 + (br - 1) * NS3)
                 ns = T.if_then_else(br == 0, NS1, NS3)
