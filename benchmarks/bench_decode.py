@@ -2,7 +2,7 @@
 
 Config (../shared/ANCHORS.md): HQ=64, H=4, K=V=128, bf16, paper blocks l=32, d=16, l'=64, n=16,
 W=512; batch 1 and 16; context T. The caches are filled with random data as after a prefill of T
-tokens (the new token is the T-th). Providers: `ours` (nsa_module.decode.nsa_decode, four kernels,
+tokens (the new token is the T-th). Providers: `ours` (nsa_module.decode.nsa_decode, three kernels,
 replayed from a CUDA graph as a serving loop runs it), `ours_eager` (the same, launched from Python),
 `sdpa_flash`, `sdpa_cudnn` (one query over the whole K/V cache, enable_gqa=True, as ANCHORS.md
 measured them) and their CUDA-graph replays `sdpa_flash_graph`, `sdpa_cudnn_graph`. Rows: pass
@@ -106,7 +106,7 @@ def main():
             rows += bench_one(T, B, args.providers)
             torch.cuda.empty_cache()
     config = dict(HQ=HQ, H=H, K=K, V=V, l=L, d=D, block_size=LS, n=N_SEL, W=W, dtype="bfloat16",
-                  ours="nsa_decode, 4 kernels, CUDA graph replay (ours_eager: launched from Python)", sdpa="one query over the full cache, enable_gqa=True")
+                  ours="nsa_decode, 3 kernels, CUDA graph replay (ours_eager: launched from Python)", sdpa="one query over the full cache, enable_gqa=True")
     path = write_results(args.out, device, config, rows)
     labeled = [dict(r, provider=f"{r['provider']} B={r['B']}") for r in rows]
     print_table(labeled, f"decode step ({device})")

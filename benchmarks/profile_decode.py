@@ -1,4 +1,4 @@
-"""Where a decode step's time goes: each of nsa_decode's four kernels timed alone (CUDA events
+"""Where a decode step's time goes: each of nsa_decode's kernels timed alone (CUDA events
 between launches queued behind a sleep kernel, so the host never shows in the gaps; L2 flushed
 before each step), at bench_decode's config, for a few programs-per-SM settings.
 
@@ -53,16 +53,13 @@ def main():
     ap.add_argument("--cmp", nargs="+", default=[f"{D.CMP_TILE}:{int(D.CMP_ASYNC)}"],
                     help="compressed-kernel variants tile:async, e.g. 64:1 64:0 32:1")
     ap.add_argument("--sparse", nargs="+", type=int, default=[D.SPARSE_TILE], help="selected/sliding tile rows")
-    ap.add_argument("--sel", nargs="+", default=[f"{D.SELECT_THREADS}:{D.SELECT_U}"],
-                    help="selection-kernel variants threads:keys-per-step, e.g. 256:2 1024:1")
     a = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}; µs per kernel (mean of 50, L2 flushed)")
     warm_up_gpu()
-    for variant, sel, sp in [(c, s, p) for c in a.cmp for s in a.sel for p in a.sparse]:
+    for variant, sp in [(c, p) for c in a.cmp for p in a.sparse]:
         tile, asy = variant.split(":")
         D.CMP_TILE, D.CMP_ASYNC, D.SPARSE_TILE = int(tile), bool(int(asy)), sp
-        D.SELECT_THREADS, D.SELECT_U = (int(x) for x in sel.split(":"))
-        variant = f"{variant} sel {sel} sparse {sp}"
+        variant = f"{variant} sparse {sp}"
         for pps in a.pps:
             D.PROGRAMS_PER_SM = pps
             for B in a.B:

@@ -1,24 +1,24 @@
-"""NSA decode: one new query token per sequence over its cache, in four launches and no host syncs.
+"""NSA decode: one new query token per sequence over its cache, in three launches and no host sync.
 
 A step for N sequences (the new token at position t = Len[n] - 1, already in the caches):
 
-  1. `decode_compressed`  the G query heads of each kv head attend over the compressed stream, its
-     tiles split over NS1 programs; each writes a normalized partial (O_part, LSE_part base 2) and
-     the raw logits q·k·scale·log2e (Logits), which the selection reuses.
-  2. `decode_select`      one program per (sequence, kv head): the LSE of the G heads from the NS1
-     partials, p_cmp = exp2(logit - LSE) summed over the group, the Eq. 9 block scores in shared
-     memory, then the top-n by n rounds of a block-wide argmax (ties toward the lower id; block 0
-     and the two local blocks forced first). BlockIdx `[N, H, n]` ascending, -1 padded.
-  3. `decode_sparse`      the selected blocks (grid z = 0) and the sliding ring (z = 1), each split
-     over NS3 programs, write their partials (a ring is read slot by slot: softmax ignores order).
-  4. `decode_combine`     per (sequence, query head): the LSE merge of each branch's partials, times
-     its gate, summed: O `[N, HQ, V]`.
+  1. `decode_compressed`     the G query heads of each kv head attend over the compressed stream,
+     its tiles split over NS1 programs; each writes a normalized partial (O_part, LSE_part base 2)
+     and the raw logits q·k·scale·log2e (Logits), which the selection reuses.
+  2. `decode_select_sparse`  per (sequence, kv head), split over NS3 programs: z = 0 programs choose
+     the top-n blocks (the LSE of the G heads from the NS1 partials, p_cmp = exp2(logit - LSE)
+     summed over the group, the Eq. 9 block scores, n rounds of a block-wide argmax: ties toward
+     the lower id, block 0 and the two local blocks forced) and attend over their share of them;
+     z = 1 programs attend over the sliding ring (slot by slot: softmax ignores order).
+  3. `decode_combine`        per (sequence, query head): the LSE merge of each branch's partials,
+     times its gate, summed: O `[N, HQ, V]`.
 
 Every trip count comes from device tensors (Len, NumCmp, WinCount), so a step is CUDA-graph
-capturable. Kernels 2–4 are launched as programmatic dependents (PDL): each may start while its
+capturable. Kernels 2 and 3 are launched as programmatic dependents (PDL): each may start while its
 predecessor finishes, does what needs none of its predecessor's output (indices, the Q rows), and
 waits (`T.pdl_sync`) before reading it; each predecessor signals (`T.pdl_trigger`) once a program
-has written its results. Partials share one buffer: columns [0, NS1) compressed, then NS3 selected, NS3 sliding.
+has written its results. Partials share one buffer: columns [0, NS1) compressed, then NS3
+selected, NS3 sliding.
 
 Shapes: Q `[N, HQ, K]`; compressed stream Kc/Vc `[N, CC, H, K|V]`; raw cache Ks/Vs `[N, CAP, H,
 K|V]`; ring Kw/Vw `[N, RW, H, K|V]`; O_part `[N, HQ, NST, V]` and LSE_part `[N, HQ, NST]` fp32.
@@ -29,7 +29,9 @@ import tilelang.language as T
 
 from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16
 
-SELECT_SMEM_BYTES = 160 * 1024  # decode_select keeps a sequence's block scores in shared memory
+# decode_select_sparse keeps a sequence's block scores in shared memory, next to its Q rows and one
+# K/V tile (≤ 64 KB at K = V = 256)
+SELECT_SMEM_BYTES = 144 * 1024
 MAX_SPLITS = 64  # programs per (sequence, kv head, branch); the merges unroll over this many
 
 
@@ -42,7 +44,7 @@ def pick_config(G: int) -> dict:
 
 
 def select_blocks_max(capacity: int, d: int, l_sel: int) -> int:
-    """decode_select's compile-time bound on a sequence's selection blocks for a raw cache of
+    """decode_select_sparse's compile-time bound on a sequence's selection blocks for a raw cache of
     `capacity` tokens: a power of two (one kernel per doubling of the cache), or 0 if its scores
     would not fit in shared memory."""
     nb = 32
@@ -147,19 +149,41 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
     return main
 
 
-@tilelang.jit(pass_configs=PASS_CONFIGS)
-def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int, threads: int = 256,
-                  U: int = 2):
-    """Kernel(Logits, LSE_part, Split1, NumCmp, Len, BlockIdx): the top-n selection blocks of each
-    (sequence, kv head) from decode_compressed's logits; sequences of at most NB_MAX blocks.
+def pick_sparse_config(G: int, n_sel: int) -> dict:
+    """decode_select_sparse: four warps at least (the selection wants the threads; the attention
+    then runs on M ≥ 64 rows, the G heads and zero padding, 16 rows a warp)."""
+    M = max(64, pad16(G))
+    threads = 32 * (M // 16)
+    assert n_sel <= threads, "the final ranking gives one thread per selected block"
+    return dict(M=M, threads=threads)
 
-    The scores are kept as order-preserving int32 keys (float bits, negatives flipped), so that a
-    round of the top-n is two single-instruction warp reductions (max key, then min id among
-    equal keys) per level; each thread caches the best of its own blocks and only the owner of a
-    round's winner rescans, for its best block ranked after the winner."""
-    N, CC, NS1, NST = T.dynamic("N, CC, NS1, NST")
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def decode_select_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int,
+                         window: bool, dtype: str, scale: float, BT: int = 32, M: int = 64, threads: int = 128,
+                         U: int = 4):
+    """Kernel(Q, Logits, LSE_part, NumCmp, Ks, Vs, Len, Kw, Vw, WinCount, Split1, Split3, BlockIdx, O_part,
+    LSE_part is read (columns < NS1) and written (the others).
+
+    Grid (NS3, N·H, 1 + window). z = 0: the program first chooses the top-n blocks of its (sequence,
+    kv head) — every split of it does, which costs no time (they run side by side) and saves a launch
+    — then attends over its share of their BT-row tiles (keys at rows >= Len[n] do not exist yet);
+    split 0 also writes BlockIdx `[N, H, n]` (ascending, -1 padded). z = 1: the ring's
+    min(WinCount[n], RW) filled slots. Program s takes tiles s, s + NS3, …; its partial goes to
+    column NS1 + z·NS3 + s.
+
+    The selection: each head's LSE merged from decode_compressed's NS1 partials; Σ_g p_cmp per
+    compressed key from its logits (Eq. 10); the Eq. 9 block scores in shared memory as
+    order-preserving int32 keys (float bits, negatives flipped), forced blocks (0 and the two local
+    ones) +inf; then n rounds of a block-wide argmax — two single-instruction warp reductions (max
+    key, then min id among equal keys) per level, one barrier — where each thread caches the best
+    of its own blocks and only the owner of a round's winner rescans for its best ranked after it.
+    Sequences of at most NB_MAX blocks."""
+    N, CC, CAP, RW, NS1, NS3, NST = T.dynamic("N, CC, CAP, RW, NS1, NS3, NST")
     HQ = H * G
+    sc = scale * LOG2E
     acc = "float32"
+    TPB = l_sel // BT  # tiles per selected block
     R = l_sel // d  # compressed keys per selection block stride
     NKJ = (l_sel + l - d) // d  # compressed keys overlapping one selection block
     first_key = (l - d) // d  # of block j: keys j·R - first_key … j·R - first_key + NKJ - 1
@@ -171,20 +195,31 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
 
     @T.prim_func
     def main(
+        Q: T.Tensor([N, HQ, K], dtype),
         Logits: T.Tensor([N, HQ, CC], acc),
-        LSE_part: T.Tensor([N, HQ, NST], acc),
-        Split1: T.Tensor([NS1], "int32"),
         NumCmp: T.Tensor([N], "int32"),
+        Ks: T.Tensor([N, CAP, H, K], dtype),
+        Vs: T.Tensor([N, CAP, H, V], dtype),
         Len: T.Tensor([N], "int32"),
+        Kw: T.Tensor([N, RW, H, K], dtype),
+        Vw: T.Tensor([N, RW, H, V], dtype),
+        WinCount: T.Tensor([N], "int32"),
+        Split1: T.Tensor([NS1], "int32"),
+        Split3: T.Tensor([NS3], "int32"),
         BlockIdx: T.Tensor([N, H, n_sel], "int32"),
+        O_part: T.Tensor([N, HQ, NST, V], acc),
+        LSE_part: T.Tensor([N, HQ, NST], acc),
     ):
-        with T.Kernel(N * H, threads=threads) as i_nh:
+        with T.Kernel(NS3, N * H, 2 if window else 1, threads=threads) as (i_s, i_nh, i_br):
+            Q_s = T.alloc_shared([M, K], dtype)
+            K_s = T.alloc_shared([BT, K], dtype)
+            V_s = T.alloc_shared([BT, V], dtype)
             lse_s = T.alloc_shared([G], acc)
             P_s = T.alloc_shared([NB_MAX * R], acc)  # Σ_g p_cmp per compressed key
             S_s = T.alloc_shared([NB_MAX], "int32")  # block score keys
             wk_s = T.alloc_shared([2, NW], "int32")  # each warp's best of a round (double buffered)
             wi_s = T.alloc_shared([2, NW], "int32")
-            sel_s = T.alloc_shared([n_sel], "int32")
+            sel_s = T.alloc_shared([n_sel], "int32")  # the chosen ids, in the order chosen
             a = T.alloc_local([1], acc)
             b = T.alloc_local([1], acc)
             pu = T.alloc_local([U], acc)
@@ -192,6 +227,14 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             bi = T.alloc_local([1], "int32")
             pk = T.alloc_local([1], "int32")
             rank = T.alloc_local([1], "int32")
+            acc_s = T.alloc_fragment([M, BT], acc)
+            acc_s_cast = T.alloc_fragment([M, BT], dtype)
+            acc_o = T.alloc_fragment([M, V], acc)
+            m = T.alloc_fragment([M], acc)
+            m_prev = T.alloc_fragment([M], acc)
+            r = T.alloc_fragment([M], acc)
+            l_run = T.alloc_fragment([M], acc)
+            l_blk = T.alloc_fragment([M], acc)
 
             tx = T.get_thread_binding(0)
             lane = tx % 32
@@ -201,162 +244,108 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             n_keys = T.min(NumCmp[i_n], CC)
             cur = (Len[i_n] - 1) // l_sel  # the new token's block; blocks 0 … cur exist
             NB = T.min(cur + 1, NB_MAX)
-            T.pdl_sync()  # decode_compressed's logits and partials are complete from here on
-
-            # each head's LSE over the compressed stream, merged from the NS1 partials (unrolled,
-            # loads clamped instead of guarded so that they are all in flight at once)
-            if tx < G:
-                a[0] = -T.infinity(acc)
-                for s in T.unroll(MAX_SPLITS):
-                    a[0] = T.max(a[0], LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)])
-                b[0] = 0
-                for s in T.unroll(MAX_SPLITS):
-                    x = LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)]
-                    b[0] += T.if_then_else(s < NS1 and a[0] > -T.infinity(acc), T.exp2(x - a[0]), 0)
-                lse_s[tx] = T.if_then_else(b[0] > 0, a[0] + T.log2(b[0]), -T.infinity(acc))
-            T.sync_threads()
-            # Eq. 10: p_cmp summed over the group, per compressed key; U keys per thread a step
-            for kb in T.serial(T.ceildiv(n_keys, threads * U)):
-                for u in T.unroll(U):
-                    pu[u] = 0
-                for g in T.unroll(G):
-                    for u in T.unroll(U):
-                        ik = (kb * U + u) * threads + tx
-                        x = Logits[i_n, i_h * G + g, T.min(ik, CC - 1)]
-                        pu[u] += T.exp2(x - lse_s[g])
-                for u in T.unroll(U):
-                    ik = (kb * U + u) * threads + tx
-                    if ik < n_keys:
-                        P_s[ik] = pu[u]
-            T.sync_threads()
-            # Eq. 9: block j collects the keys overlapping it, weighted by overlap / d; forced blocks
-            # (0 and the two local ones) +inf; each thread keeps the best of its blocks j ≡ tx
-            bk[0] = KEY_MIN
-            bi[0] = BIG
-            for kb in T.serial(T.ceildiv(NB, threads)):
-                j = kb * threads + tx
-                if j < NB:
-                    a[0] = 0
-                    for kk in T.unroll(NKJ):
-                        i = j * R - first_key + kk
-                        w = T.max(T.min(i * d + l, (j + 1) * l_sel) - T.max(i * d, j * l_sel), 0)
-                        if i >= 0 and i < n_keys:
-                            a[0] += P_s[i] * (T.cast(w, acc) / d)
-                    bits = T.reinterpret(a[0], "int32")
-                    key = T.if_then_else(j == 0 or j == cur or j == cur - 1, KEY_POS_INF,
-                                         T.if_then_else(bits >= 0, bits, bits ^ 0x7FFFFFFF))
-                    S_s[j] = key
-                    if key > bk[0]:  # ascending ids: the first of equal keys stays
-                        bk[0] = key
-                        bi[0] = j
-            # top-n: each round the block-wide best (highest key, then lowest id)
-            for rnd in T.serial(n_sel):
-                wk = T.warp_reduce_max(bk[0])
-                wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
-                if lane == 0:
-                    wk_s[rnd % 2, warp] = wk
-                    wi_s[rnd % 2, warp] = wi
-                T.sync_threads()
-                k2 = T.if_then_else(lane < NW, wk_s[rnd % 2, T.min(lane, NW - 1)], KEY_MIN)
-                gk = T.warp_reduce_max(k2)
-                gi = T.warp_reduce_min(T.if_then_else(k2 == gk, wi_s[rnd % 2, T.min(lane, NW - 1)], BIG))
-                if tx == 0:
-                    sel_s[rnd] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
-                if gk > KEY_NEG_INF and gi == bi[0]:
-                    # the owner moves on to its best block ranked after the winner (S_s stays
-                    # read-only: no thread reads another's blocks, so no barrier is needed here)
-                    pk[0] = bk[0]
-                    bk[0] = KEY_MIN
-                    bi[0] = BIG
-                    for kb in T.serial(T.ceildiv(NB, threads)):
-                        j = kb * threads + tx
-                        if j < NB:
-                            k = S_s[j]
-                            if (k < pk[0] or (k == pk[0] and j > gi)) and k > bk[0]:
-                                bk[0] = k
-                                bi[0] = j
-            T.sync_threads()
-            # ascending ids, -1 last: each id's rank among the chosen
-            if tx < n_sel:
-                rank[0] = 0
-                for k in T.serial(n_sel):
-                    ka = T.if_then_else(sel_s[k] >= 0, sel_s[k], BIG)
-                    kt = T.if_then_else(sel_s[tx] >= 0, sel_s[tx], BIG)
-                    rank[0] += T.if_then_else(ka < kt or (ka == kt and k < tx), 1, 0)
-                BlockIdx[i_n, i_h, rank[0]] = sel_s[tx]
-            T.pdl_trigger()
-
-    return main
-
-
-@tilelang.jit(pass_configs=PASS_CONFIGS)
-def decode_sparse(H: int, G: int, K: int, V: int, BS: int, n_sel: int, window: bool, dtype: str, scale: float,
-                  M: int = 16, threads: int = 32, BT: int = 0):
-    """Kernel(Q, Ks, Vs, Len, BlockIdx, Kw, Vw, WinCount, Split1, Split3, O_part, LSE_part).
-
-    Grid (NS3, N·H, 1 + window): z = 0 attends over the n selected blocks of BS raw tokens (keys
-    at rows >= Len[n] do not exist yet), z = 1 over the ring's min(WinCount[n], RW) filled slots;
-    both in tiles of BT rows (BT | BS; 0: BT = BS), a selected block being BS / BT tiles. Program s
-    takes tiles s, s + NS3, …; its partial goes to column NS1 + z·NS3 + s."""
-    BT = BT or BS
-    TPB = BS // BT  # tiles per selected block
-    N, CAP, RW, NS1, NS3, NST = T.dynamic("N, CAP, RW, NS1, NS3, NST")
-    HQ = H * G
-    sc = scale * LOG2E
-    acc = "float32"
-
-    @T.prim_func
-    def main(
-        Q: T.Tensor([N, HQ, K], dtype),
-        Ks: T.Tensor([N, CAP, H, K], dtype),
-        Vs: T.Tensor([N, CAP, H, V], dtype),
-        Len: T.Tensor([N], "int32"),
-        BlockIdx: T.Tensor([N, H, n_sel], "int32"),
-        Kw: T.Tensor([N, RW, H, K], dtype),
-        Vw: T.Tensor([N, RW, H, V], dtype),
-        WinCount: T.Tensor([N], "int32"),
-        Split1: T.Tensor([NS1], "int32"),
-        Split3: T.Tensor([NS3], "int32"),
-        O_part: T.Tensor([N, HQ, NST, V], acc),
-        LSE_part: T.Tensor([N, HQ, NST], acc),
-    ):
-        with T.Kernel(NS3, N * H, 2 if window else 1, threads=threads) as (i_s, i_nh, i_br):
-            Q_s = T.alloc_shared([M, K], dtype)
-            K_s = T.alloc_shared([BT, K], dtype)
-            V_s = T.alloc_shared([BT, V], dtype)
-            acc_s = T.alloc_fragment([M, BT], acc)
-            acc_s_cast = T.alloc_fragment([M, BT], dtype)
-            acc_o = T.alloc_fragment([M, V], acc)
-            m = T.alloc_fragment([M], acc)
-            m_prev = T.alloc_fragment([M], acc)
-            r = T.alloc_fragment([M], acc)
-            l = T.alloc_fragment([M], acc)
-            l_blk = T.alloc_fragment([M], acc)
-
-            i_n = i_nh // H
-            i_h = i_nh % H
             n_win = T.min(WinCount[i_n], RW)
-            # selected: a tile per block, keys below Len; sliding: the ring's filled slots
             n_tiles = T.if_then_else(i_br == 0, n_sel * TPB, T.ceildiv(n_win, BT))
             limit = T.if_then_else(i_br == 0, Len[i_n], n_win)
-            start_rows(Q, Q_s, acc_o, m, l, i_n, i_h, G, M, K)
-            T.pdl_sync()  # the block ids are complete from here on
+            start_rows(Q, Q_s, acc_o, m, l_run, i_n, i_h, G, M, K)
+            T.pdl_sync()  # decode_compressed's logits and partials are complete from here on
+
+            if i_br == 0:
+                # each head's LSE over the compressed stream, merged from the NS1 partials
+                if tx < G:
+                    a[0] = -T.infinity(acc)
+                    for s in T.unroll(MAX_SPLITS):
+                        a[0] = T.max(a[0], LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)])
+                    b[0] = 0
+                    for s in T.unroll(MAX_SPLITS):
+                        x = LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)]
+                        b[0] += T.if_then_else(s < NS1 and a[0] > -T.infinity(acc), T.exp2(x - a[0]), 0)
+                    lse_s[tx] = T.if_then_else(b[0] > 0, a[0] + T.log2(b[0]), -T.infinity(acc))
+                T.sync_threads()
+                # Eq. 10: p_cmp summed over the group, per compressed key; U keys per thread a step
+                for kb in T.serial(T.ceildiv(n_keys, threads * U)):
+                    for u in T.unroll(U):
+                        pu[u] = 0
+                    for g in T.unroll(G):
+                        for u in T.unroll(U):
+                            ik = (kb * U + u) * threads + tx
+                            y = Logits[i_n, i_h * G + g, T.min(ik, CC - 1)]
+                            pu[u] += T.exp2(y - lse_s[g])
+                    for u in T.unroll(U):
+                        ik2 = (kb * U + u) * threads + tx
+                        if ik2 < n_keys:
+                            P_s[ik2] = pu[u]
+                T.sync_threads()
+                # Eq. 9 block scores as keys; each thread keeps the best of its blocks j ≡ tx
+                bk[0] = KEY_MIN
+                bi[0] = BIG
+                for jb in T.serial(T.ceildiv(NB, threads)):
+                    j = jb * threads + tx
+                    if j < NB:
+                        a[0] = 0
+                        for kk in T.unroll(NKJ):
+                            i = j * R - first_key + kk
+                            w = T.max(T.min(i * d + l, (j + 1) * l_sel) - T.max(i * d, j * l_sel), 0)
+                            if i >= 0 and i < n_keys:
+                                a[0] += P_s[i] * (T.cast(w, acc) / d)
+                        bits = T.reinterpret(a[0], "int32")
+                        key = T.if_then_else(j == 0 or j == cur or j == cur - 1, KEY_POS_INF,
+                                             T.if_then_else(bits >= 0, bits, bits ^ 0x7FFFFFFF))
+                        S_s[j] = key
+                        if key > bk[0]:  # ascending ids: the first of equal keys stays
+                            bk[0] = key
+                            bi[0] = j
+                # top-n: each round the block-wide best (highest key, then lowest id)
+                for rnd in T.serial(n_sel):
+                    wk = T.warp_reduce_max(bk[0])
+                    wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
+                    if lane == 0:
+                        wk_s[rnd % 2, warp] = wk
+                        wi_s[rnd % 2, warp] = wi
+                    T.sync_threads()
+                    k2 = T.if_then_else(lane < NW, wk_s[rnd % 2, T.min(lane, NW - 1)], KEY_MIN)
+                    gk = T.warp_reduce_max(k2)
+                    gi = T.warp_reduce_min(T.if_then_else(k2 == gk, wi_s[rnd % 2, T.min(lane, NW - 1)], BIG))
+                    if tx == 0:
+                        sel_s[rnd] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
+                    if gk > KEY_NEG_INF and gi == bi[0]:
+                        # the owner moves on to its best block ranked after the winner (S_s stays
+                        # read-only: no thread reads another's blocks, so no barrier is needed here)
+                        pk[0] = bk[0]
+                        bk[0] = KEY_MIN
+                        bi[0] = BIG
+                        for jb2 in T.serial(T.ceildiv(NB, threads)):
+                            j2 = jb2 * threads + tx
+                            if j2 < NB:
+                                k3 = S_s[j2]
+                                if (k3 < pk[0] or (k3 == pk[0] and j2 > gi)) and k3 > bk[0]:
+                                    bk[0] = k3
+                                    bi[0] = j2
+                T.sync_threads()
+                # split 0 reports the ids: ascending, -1 last (each id's rank among the chosen)
+                if i_s == 0 and tx < n_sel:
+                    rank[0] = 0
+                    for k in T.serial(n_sel):
+                        ka = T.if_then_else(sel_s[k] >= 0, sel_s[k], BIG)
+                        kt = T.if_then_else(sel_s[tx] >= 0, sel_s[tx], BIG)
+                        rank[0] += T.if_then_else(ka < kt or (ka == kt and k < tx), 1, 0)
+                    BlockIdx[i_n, i_h, rank[0]] = sel_s[tx]
 
             for it in T.serial(T.ceildiv(T.max(n_tiles - i_s, 0), NS3)):
                 tile = i_s + it * NS3
-                blk = T.if_then_else(i_br == 0, BlockIdx[i_n, i_h, T.min(tile // TPB, n_sel - 1)], 0)
+                blk = T.if_then_else(i_br == 0, sel_s[T.min(tile // TPB, n_sel - 1)], 0)
                 # a padded block (-1) reads block 0 and masks it all
-                k0 = T.if_then_else(i_br == 0, T.max(blk, 0) * BS + (tile % TPB) * BT, tile * BT)
+                k0 = T.if_then_else(i_br == 0, T.max(blk, 0) * l_sel + (tile % TPB) * BT, tile * BT)
                 if i_br == 0:
                     load_tile(K_s, V_s, Ks, Vs, i_n, i_h, k0, BT)
                 else:
                     load_tile(K_s, V_s, Kw, Vw, i_n, i_h, k0, BT)
-                for g, j in T.Parallel(M, BT):
-                    acc_s[g, j] = T.if_then_else(blk >= 0 and k0 + j < limit, 0, -T.infinity(acc))
+                for g, jj in T.Parallel(M, BT):
+                    acc_s[g, jj] = T.if_then_else(blk >= 0 and k0 + jj < limit, 0, -T.infinity(acc))
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                softmax_pv(acc_s, acc_s_cast, V_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BT, V)
+                softmax_pv(acc_s, acc_s_cast, V_s, acc_o, m, m_prev, r, l_run, l_blk, sc, M, BT, V)
 
-            write_partial(O_part, LSE_part, acc_o, m, l, i_n, i_h, NS1 + i_br * NS3 + i_s, G, M, V, sc)
+            write_partial(O_part, LSE_part, acc_o, m, l_run, i_n, i_h, NS1 + i_br * NS3 + i_s, G, M, V, sc)
             T.pdl_trigger()
 
     return main

@@ -1,11 +1,11 @@
 """One decode step of NSA on the kernels (kernels/decode.py): N sequences, one new query token each.
 
     o_cmp, logits  = attend(q, compressed stream)            # split over programs
-    ids            = top-n of the Eq. 9-10 block scores        # from the logits and the merged LSE
-    o_slc, o_swa   = attend(q, the n selected blocks), attend(q, the sliding ring)
+    ids            = top-n of the Eq. 9-10 block scores        # from the logits and the merged LSE,
+    o_slc, o_swa   = attend(q, the n selected blocks), attend(q, the sliding ring)   # one launch
     o              = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa    # LSE merge of the partials
 
-Four launches, no host sync, nothing read back: a step can be captured in a CUDA graph. Semantics
+Three launches, no host sync, nothing read back: a step can be captured in a CUDA graph. Semantics
 are the reference's (reference/naive.py with `positions`): the new token is at position
 t = length - 1 of its sequence and already in the caches.
 """
@@ -24,7 +24,6 @@ from .common import check_kernel_dims, empty, sm_count, split_arg
 
 CMP_TILE = 32  # compressed keys per tile of the compressed-branch kernel (32: 11 programs per SM, 64: 6)
 CMP_ASYNC = False  # its tiles as cp.async copies: slower on the H100 (docs/perf-notes.md)
-SELECT_THREADS, SELECT_U = 1024, 1  # decode_select's block and keys per thread a step
 SPARSE_TILE = 32  # rows per tile of the selected/sliding kernel (a block of l' is l' / 32 tiles)
 # decode is memory bound: enough small programs to keep loads in flight (NSA_DECODE_PROGRAMS_PER_SM
 # overrides it for experiments)
@@ -33,15 +32,13 @@ PROGRAMS_PER_SM = int(os.environ.get("NSA_DECODE_PROGRAMS_PER_SM", 4))
 
 @lru_cache(maxsize=None)
 def _kernels(H, G, K, V, l, d, l_sel, n, window, NB_MAX, dtype, scale, cmp_tile=None, cmp_async=None,
-             sel=None, sparse_tile=None):
-    cfg = K_dec.pick_config(G)
+             sparse_tile=None):
     cmp_tile = CMP_TILE if cmp_tile is None else cmp_tile
     cmp_async = CMP_ASYNC if cmp_async is None else cmp_async
-    sel_threads, sel_u = (SELECT_THREADS, SELECT_U) if sel is None else sel
-    return (K_dec.decode_compressed(H, G, K, V, cmp_tile, dtype, scale, **cfg, async_copy=cmp_async),
-            K_dec.decode_select(H, G, l, d, l_sel, n, NB_MAX, sel_threads, sel_u),
-            K_dec.decode_sparse(H, G, K, V, l_sel, n, window, dtype, scale, **cfg,
-                                BT=min(l_sel, SPARSE_TILE if sparse_tile is None else sparse_tile)),
+    bt = min(l_sel, SPARSE_TILE if sparse_tile is None else sparse_tile)
+    return (K_dec.decode_compressed(H, G, K, V, cmp_tile, dtype, scale, **K_dec.pick_config(G), async_copy=cmp_async),
+            K_dec.decode_select_sparse(H, G, K, V, l, d, l_sel, n, NB_MAX, window, dtype, scale, BT=bt,
+                                       **K_dec.pick_sparse_config(G, n)),
             K_dec.decode_combine(H * G, V, window, dtype))
 
 
@@ -72,7 +69,7 @@ def _ints(name, t, N, device):
 
 def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_swa, swa_count, gates,
                     l: int, d: int, l_sel: int, n: int, scale: float):
-    """One step, validated and allocated, as its four kernel launches [(name, launch)] and the
+    """One step, validated and allocated, as its three kernel launches [(name, launch)] and the
     outputs they fill. q `[N, HQ, K]`; compressed stream k/v_cmp `[N, C, H, K|V]` holding num_cmp `[N]`
     tokens; raw selected-branch cache k/v_slc `[N, CAP, H, K|V]` holding lengths `[N]` tokens (the
     new one included; at least 1); sliding ring k/v_swa `[N, W, H, K|V]` with swa_count `[N]`
@@ -115,8 +112,8 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
 
     G = HQ // H
     dt = tl_dtype(q.dtype)
-    k_c, k_s, k_p, k_o = _kernels(H, G, Kd, V, l, d, l_sel, n, window, NB_MAX, dt, float(scale), CMP_TILE, CMP_ASYNC,
-                                  (SELECT_THREADS, SELECT_U), SPARSE_TILE)
+    k_c, k_p, k_o = _kernels(H, G, Kd, V, l, d, l_sel, n, window, NB_MAX, dt, float(scale), CMP_TILE, CMP_ASYNC,
+                             SPARSE_TILE)
     CC = k_cmp.shape[1]
     ns1 = _splits(-(-CC // CMP_TILE), N * H, dev)
     bt = min(l_sel, SPARSE_TILE)
@@ -139,8 +136,8 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
     g = [x.to(q.dtype).contiguous() for x in gates]
     launches = [
         ("compressed", lambda: k_c(q, k_cmp, v_cmp, num_cmp, s1, logits, o_part, lse_part)),
-        ("select", lambda: k_s(logits, lse_part, s1, num_cmp, lengths, block_indices)),
-        ("sparse", lambda: k_p(q, k_slc, v_slc, lengths, block_indices, k_swa, v_swa, swa_count, s1, s3, o_part, lse_part)),
+        ("select+sparse", lambda: k_p(q, logits, num_cmp, k_slc, v_slc, lengths, k_swa, v_swa, swa_count, s1, s3,
+                                      block_indices, o_part, lse_part)),
         ("combine", lambda: k_o(o_part, lse_part, s1, s3, *g, o)),
     ]
     return launches, (o, block_indices)

@@ -122,8 +122,8 @@ def test_select_blocks_max_doubles_and_bounds_shared_memory():
     assert K_dec.select_blocks_max(1, 16, 64) == 32
     assert K_dec.select_blocks_max(65536, 16, 64) == 1024
     assert K_dec.select_blocks_max(65537, 16, 64) == 2048
-    assert K_dec.select_blocks_max(2 ** 19, 16, 64) == 8192  # 512k tokens: 8192 · 5 floats fit
-    assert K_dec.select_blocks_max(2 ** 20, 16, 64) == 0
+    assert K_dec.select_blocks_max(2 ** 18, 16, 64) == 4096  # 256k tokens: 4096 · 5 floats fit
+    assert K_dec.select_blocks_max(2 ** 19, 16, 64) == 0
 
 
 def test_decode_reads_counts_table_4_terms():
@@ -160,5 +160,5 @@ def test_bad_decode_arguments_raise(over, exc, msg):
 @pytest.mark.parametrize("G, K, V, window", [(16, 128, 128, True), (8, 64, 64, True), (1, 64, 64, False)])
 def test_compile_decode_kernels(G, K, V, window, sm90_target):
     from nsa_module.decode import _kernels
-    for kern in _kernels(4, G, K, V, 32, 16, 64, 16, window, 1024, "bfloat16", K ** -0.5):
+    for kern in _kernels(4, G, K, V, 32, 16, 64, 16, window, 4096, "bfloat16", K ** -0.5):
         assert "__global__" in kern.get_kernel_source()

@@ -50,10 +50,10 @@ def nsa(H, G, K, V, l, d, ls, n, W, dtype, scale=None):
 
 def decode(H, G, K, V, l, d, ls, n, W, capacities, dtype, scale=None):
     from kernels.decode import select_blocks_max
-    from nsa_module.decode import CMP_ASYNC, CMP_TILE, SELECT_THREADS, SELECT_U, SPARSE_TILE
+    from nsa_module.decode import CMP_ASYNC, CMP_TILE, SPARSE_TILE
     nbs = sorted({select_blocks_max(c, d, ls) for c in capacities})
     return [("decode", (H, G, K, V, l, d, ls, n, W > 0, nb, dtype, float(scale or K ** -0.5), CMP_TILE, CMP_ASYNC,
-                        (SELECT_THREADS, SELECT_U), SPARSE_TILE)) for nb in nbs]
+                        SPARSE_TILE)) for nb in nbs]
 
 
 def build(fam):
