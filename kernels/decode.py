@@ -1,20 +1,22 @@
-"""NSA decode: one new query token per sequence over its cache, in three launches and no host sync.
+"""NSA decode: one new query token per sequence over its cache, in three or four launches and no host sync.
 
 A step for N sequences (the new token at position t = Len[n] - 1, already in the caches):
 
-  1. `decode_compressed`     the G query heads of each kv head attend over the compressed stream,
-     its tiles split over NS1 programs; each writes a normalized partial (O_part, LSE_part base 2)
-     and the raw logits q·k·scale·log2e (Logits), which the selection reuses.
-  2. `decode_select_sparse`  per (sequence, kv head), split over NS3 programs: z = 0 programs choose
-     the top-n blocks (the LSE of the G heads from the NS1 partials, p_cmp = exp2(logit - LSE)
-     summed over the group, the Eq. 9 block scores, n rounds of a block-wide argmax: ties toward
-     the lower id, block 0 and the two local blocks forced) and attend over their share of them;
-     z = 1 programs attend over the sliding ring (slot by slot: softmax ignores order).
-  3. `decode_combine`        per (sequence, query head): the LSE merge of each branch's partials,
-     times its gate, summed: O `[N, HQ, V]`.
+  1. `decode_compressed`  the G query heads of each kv head attend over the compressed stream, its
+     tiles split over NS1 programs; each writes a normalized partial (O_part, LSE_part base 2) and
+     the raw logits q·k·scale·log2e (Logits), which the selection reuses.
+  2. `choose_blocks`      (a macro) the top-n blocks of a (sequence, kv head): the LSE of the G heads
+     from the NS1 partials, p_cmp = exp2(logit - LSE) summed over the group, the Eq. 9 block
+     scores, n rounds of a block-wide argmax (ties toward the lower id, block 0 and the two local
+     blocks forced). Run by `decode_select` (one 1024-thread program per kv head, for long caches)
+     or inside `decode_sparse` by each of its splits (short caches: one launch fewer).
+  3. `decode_sparse`      the selected blocks (grid z = 0) and the sliding ring (z = 1, slot by slot:
+     softmax ignores order), each split over NS3 programs.
+  4. `decode_combine`     per (sequence, query head): the LSE merge of each branch's partials, times
+     its gate, summed: O `[N, HQ, V]`.
 
 Every trip count comes from device tensors (Len, NumCmp, WinCount), so a step is CUDA-graph
-capturable. Kernels 2 and 3 are launched as programmatic dependents (PDL): each may start while its
+capturable. Kernels after the first are launched as programmatic dependents (PDL): each may start while its
 predecessor finishes, does what needs none of its predecessor's output (indices, the Q rows), and
 waits (`T.pdl_sync`) before reading it; each predecessor signals (`T.pdl_trigger`) once a program
 has written its results. Partials share one buffer: columns [0, NS1) compressed, then NS3
@@ -149,49 +151,186 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
     return main
 
 
-def pick_sparse_config(G: int, n_sel: int) -> dict:
-    """decode_select_sparse: four warps at least (the selection wants the threads; the attention
-    then runs on M ≥ 64 rows, the G heads and zero padding, 16 rows a warp)."""
-    M = max(64, pad16(G))
+KEY_MIN = -(2 ** 31)  # below every float's order key
+KEY_NEG_INF = -2139095041  # order key of -inf: a block that cannot be chosen
+KEY_POS_INF = 2139095040  # order key of +inf: a forced block
+BIG = 2 ** 30  # an id past every block
+
+
+@T.macro
+def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, pu, bk, bi, pk, tx, i_n, i_h,
+                  n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n_sel):
+    """The top-n blocks of (sequence i_n, kv head i_h) into sel_s (in the order chosen, -1 when
+    fewer than n can be chosen), by all `threads` threads of the program.
+
+    Each head's LSE merged from decode_compressed's NS1 partials; Σ_g p_cmp per compressed key from
+    its logits (Eq. 10); the Eq. 9 block scores as order-preserving int32 keys (float bits,
+    negatives flipped), forced blocks (0 and the two local ones) +inf; then n rounds of a
+    block-wide argmax: two single-instruction warp reductions (max key, then min id among equal
+    keys) per level and one barrier, each thread caching the best of its own blocks j ≡ tx and
+    only the owner of a round's winner rescanning for its best ranked after it."""
+    acc = "float32"
+    R = l_sel // d  # compressed keys per selection block stride
+    NKJ = (l_sel + l - d) // d  # compressed keys overlapping one selection block
+    first_key = (l - d) // d  # of block j: keys j·R - first_key … j·R - first_key + NKJ - 1
+    NW = threads // 32
+    lane = tx % 32
+    warp = tx // 32
+    if tx < G:  # unrolled, loads clamped instead of guarded: all in flight at once
+        a[0] = -T.infinity(acc)
+        for s in T.unroll(MAX_SPLITS):
+            a[0] = T.max(a[0], LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)])
+        b[0] = 0
+        for s in T.unroll(MAX_SPLITS):
+            x = LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)]
+            b[0] += T.if_then_else(s < NS1 and a[0] > -T.infinity(acc), T.exp2(x - a[0]), 0)
+        lse_s[tx] = T.if_then_else(b[0] > 0, a[0] + T.log2(b[0]), -T.infinity(acc))
+    T.sync_threads()
+    for kb in T.serial(T.ceildiv(n_keys, threads * U)):  # U keys per thread a step
+        for u in T.unroll(U):
+            pu[u] = 0
+        for g in T.unroll(G):
+            for u in T.unroll(U):
+                ik = (kb * U + u) * threads + tx
+                y = Logits[i_n, i_h * G + g, T.min(ik, CC - 1)]
+                pu[u] += T.exp2(y - lse_s[g])
+        for u in T.unroll(U):
+            ik2 = (kb * U + u) * threads + tx
+            if ik2 < n_keys:
+                P_s[ik2] = pu[u]
+    T.sync_threads()
+    bk[0] = KEY_MIN
+    bi[0] = BIG
+    for jb in T.serial(T.ceildiv(NB, threads)):
+        j = jb * threads + tx
+        if j < NB:
+            a[0] = 0
+            for kk in T.unroll(NKJ):
+                i = j * R - first_key + kk
+                w = T.max(T.min(i * d + l, (j + 1) * l_sel) - T.max(i * d, j * l_sel), 0)
+                if i >= 0 and i < n_keys:
+                    a[0] += P_s[i] * (T.cast(w, acc) / d)
+            bits = T.reinterpret(a[0], "int32")
+            key = T.if_then_else(j == 0 or j == cur or j == cur - 1, KEY_POS_INF,
+                                 T.if_then_else(bits >= 0, bits, bits ^ 0x7FFFFFFF))
+            S_s[j] = key
+            if key > bk[0]:  # ascending ids: the first of equal keys stays
+                bk[0] = key
+                bi[0] = j
+    for rnd in T.serial(n_sel):
+        wk = T.warp_reduce_max(bk[0])
+        wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
+        if lane == 0:
+            wk_s[rnd % 2, warp] = wk
+            wi_s[rnd % 2, warp] = wi
+        T.sync_threads()
+        k2 = T.if_then_else(lane < NW, wk_s[rnd % 2, T.min(lane, NW - 1)], KEY_MIN)
+        gk = T.warp_reduce_max(k2)
+        gi = T.warp_reduce_min(T.if_then_else(k2 == gk, wi_s[rnd % 2, T.min(lane, NW - 1)], BIG))
+        if tx == 0:
+            sel_s[rnd] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
+        if gk > KEY_NEG_INF and gi == bi[0]:
+            # the owner moves on to its best block ranked after the winner (S_s stays read-only:
+            # no thread reads another's blocks, so no barrier is needed here)
+            pk[0] = bk[0]
+            bk[0] = KEY_MIN
+            bi[0] = BIG
+            for jb2 in T.serial(T.ceildiv(NB, threads)):
+                j2 = jb2 * threads + tx
+                if j2 < NB:
+                    k3 = S_s[j2]
+                    if (k3 < pk[0] or (k3 == pk[0] and j2 > gi)) and k3 > bk[0]:
+                        bk[0] = k3
+                        bi[0] = j2
+    T.sync_threads()
+
+
+@T.macro
+def write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n_sel):
+    """BlockIdx[i_n, i_h] = the chosen ids ascending, -1 last (each id's rank among the chosen)."""
+    if tx < n_sel:
+        rank[0] = 0
+        for k in T.serial(n_sel):
+            ka = T.if_then_else(sel_s[k] >= 0, sel_s[k], BIG)
+            kt = T.if_then_else(sel_s[tx] >= 0, sel_s[tx], BIG)
+            rank[0] += T.if_then_else(ka < kt or (ka == kt and k < tx), 1, 0)
+        BlockIdx[i_n, i_h, rank[0]] = sel_s[tx]
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int, threads: int = 1024,
+                  U: int = 1):
+    """Kernel(Logits, LSE_part, Split1, NumCmp, Len, BlockIdx): the top-n selection blocks of each
+    (sequence, kv head), one program each (choose_blocks), sequences of at most NB_MAX blocks."""
+    N, CC, NS1, NST = T.dynamic("N, CC, NS1, NST")
+    HQ = H * G
+    acc = "float32"
+
+    @T.prim_func
+    def main(
+        Logits: T.Tensor([N, HQ, CC], acc),
+        LSE_part: T.Tensor([N, HQ, NST], acc),
+        Split1: T.Tensor([NS1], "int32"),
+        NumCmp: T.Tensor([N], "int32"),
+        Len: T.Tensor([N], "int32"),
+        BlockIdx: T.Tensor([N, H, n_sel], "int32"),
+    ):
+        with T.Kernel(N * H, threads=threads) as i_nh:
+            lse_s = T.alloc_shared([G], acc)
+            P_s = T.alloc_shared([NB_MAX * (l_sel // d)], acc)  # Σ_g p_cmp per compressed key
+            S_s = T.alloc_shared([NB_MAX], "int32")  # block score keys
+            wk_s = T.alloc_shared([2, threads // 32], "int32")  # each warp's best of a round
+            wi_s = T.alloc_shared([2, threads // 32], "int32")
+            sel_s = T.alloc_shared([n_sel], "int32")
+            a = T.alloc_local([1], acc)
+            b = T.alloc_local([1], acc)
+            pu = T.alloc_local([U], acc)
+            bk = T.alloc_local([1], "int32")
+            bi = T.alloc_local([1], "int32")
+            pk = T.alloc_local([1], "int32")
+            rank = T.alloc_local([1], "int32")
+            tx = T.get_thread_binding(0)
+            i_n = i_nh // H
+            i_h = i_nh % H
+            n_keys = T.min(NumCmp[i_n], CC)
+            cur = (Len[i_n] - 1) // l_sel  # the new token's block; blocks 0 … cur exist
+            NB = T.min(cur + 1, NB_MAX)
+            T.pdl_sync()  # decode_compressed's logits and partials are complete from here on
+            choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, pu, bk, bi, pk, tx, i_n, i_h,
+                          n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n_sel)
+            write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n_sel)
+            T.pdl_trigger()
+
+    return main
+
+
+def pick_sparse_config(G: int, n_sel: int, fuse_select: bool) -> dict:
+    """decode_sparse: one warp per 16 rows of the G heads; choosing the blocks too wants at least
+    four warps (the attention then runs on 64 rows, the G heads and zero padding)."""
+    M = max(64 if fuse_select else 16, pad16(G))
     threads = 32 * (M // 16)
-    assert n_sel <= threads, "the final ranking gives one thread per selected block"
+    assert not fuse_select or n_sel <= threads, "the ranking gives one thread per selected block"
     return dict(M=M, threads=threads)
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def decode_select_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int,
-                         window: bool, dtype: str, scale: float, BT: int = 32, M: int = 64, threads: int = 128,
-                         U: int = 4):
-    """Kernel(Q, Logits, LSE_part, NumCmp, Ks, Vs, Len, Kw, Vw, WinCount, Split1, Split3, BlockIdx, O_part,
-    LSE_part is read (columns < NS1) and written (the others).
+def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int,
+                  window: bool, fuse_select: bool, dtype: str, scale: float, BT: int = 32, M: int = 16,
+                  threads: int = 32, U: int = 4):
+    """Kernel(Q, Logits, NumCmp, Ks, Vs, Len, Kw, Vw, WinCount, Split1, Split3, BlockIdx, O_part, LSE_part).
 
-    Grid (NS3, N·H, 1 + window). z = 0: the program first chooses the top-n blocks of its (sequence,
-    kv head) — every split of it does, which costs no time (they run side by side) and saves a launch
-    — then attends over its share of their BT-row tiles (keys at rows >= Len[n] do not exist yet);
-    split 0 also writes BlockIdx `[N, H, n]` (ascending, -1 padded). z = 1: the ring's
-    min(WinCount[n], RW) filled slots. Program s takes tiles s, s + NS3, …; its partial goes to
-    column NS1 + z·NS3 + s.
+    Grid (NS3, N·H, 1 + window). z = 0 attends over the n selected blocks of l' raw tokens in tiles
+    of BT rows (keys at rows >= Len[n] do not exist yet), z = 1 over the ring's min(WinCount[n], RW)
+    filled slots. Program s takes tiles s, s + NS3, …; its partial goes to column NS1 + z·NS3 + s.
 
-    The selection: each head's LSE merged from decode_compressed's NS1 partials; Σ_g p_cmp per
-    compressed key from its logits (Eq. 10); the Eq. 9 block scores in shared memory as
-    order-preserving int32 keys (float bits, negatives flipped), forced blocks (0 and the two local
-    ones) +inf; then n rounds of a block-wide argmax — two single-instruction warp reductions (max
-    key, then min id among equal keys) per level, one barrier — where each thread caches the best
-    of its own blocks and only the owner of a round's winner rescans for its best ranked after it.
-    Sequences of at most NB_MAX blocks."""
+    The blocks: read from BlockIdx (decode_select wrote it), or with fuse_select chosen here —
+    every split of a (sequence, kv head) runs choose_blocks itself (side by side, so it costs no
+    time and saves a launch; split 0 writes BlockIdx). LSE_part's columns < NS1 are read then."""
     N, CC, CAP, RW, NS1, NS3, NST = T.dynamic("N, CC, CAP, RW, NS1, NS3, NST")
     HQ = H * G
     sc = scale * LOG2E
     acc = "float32"
     TPB = l_sel // BT  # tiles per selected block
-    R = l_sel // d  # compressed keys per selection block stride
-    NKJ = (l_sel + l - d) // d  # compressed keys overlapping one selection block
-    first_key = (l - d) // d  # of block j: keys j·R - first_key … j·R - first_key + NKJ - 1
-    NW = threads // 32
-    BIG = 2 ** 30
-    KEY_MIN = -(2 ** 31)  # below every float's key
-    KEY_NEG_INF = -2139095041  # key of -inf: a block that cannot be chosen
-    KEY_POS_INF = 2139095040  # key of +inf: a forced block
 
     @T.prim_func
     def main(
@@ -214,19 +353,7 @@ def decode_select_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: 
             Q_s = T.alloc_shared([M, K], dtype)
             K_s = T.alloc_shared([BT, K], dtype)
             V_s = T.alloc_shared([BT, V], dtype)
-            lse_s = T.alloc_shared([G], acc)
-            P_s = T.alloc_shared([NB_MAX * R], acc)  # Σ_g p_cmp per compressed key
-            S_s = T.alloc_shared([NB_MAX], "int32")  # block score keys
-            wk_s = T.alloc_shared([2, NW], "int32")  # each warp's best of a round (double buffered)
-            wi_s = T.alloc_shared([2, NW], "int32")
-            sel_s = T.alloc_shared([n_sel], "int32")  # the chosen ids, in the order chosen
-            a = T.alloc_local([1], acc)
-            b = T.alloc_local([1], acc)
-            pu = T.alloc_local([U], acc)
-            bk = T.alloc_local([1], "int32")
-            bi = T.alloc_local([1], "int32")
-            pk = T.alloc_local([1], "int32")
-            rank = T.alloc_local([1], "int32")
+            sel_s = T.alloc_shared([n_sel], "int32")  # the block ids (any order)
             acc_s = T.alloc_fragment([M, BT], acc)
             acc_s_cast = T.alloc_fragment([M, BT], dtype)
             acc_o = T.alloc_fragment([M, V], acc)
@@ -237,99 +364,38 @@ def decode_select_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: 
             l_blk = T.alloc_fragment([M], acc)
 
             tx = T.get_thread_binding(0)
-            lane = tx % 32
-            warp = tx // 32
             i_n = i_nh // H
             i_h = i_nh % H
-            n_keys = T.min(NumCmp[i_n], CC)
-            cur = (Len[i_n] - 1) // l_sel  # the new token's block; blocks 0 … cur exist
-            NB = T.min(cur + 1, NB_MAX)
             n_win = T.min(WinCount[i_n], RW)
             n_tiles = T.if_then_else(i_br == 0, n_sel * TPB, T.ceildiv(n_win, BT))
             limit = T.if_then_else(i_br == 0, Len[i_n], n_win)
             start_rows(Q, Q_s, acc_o, m, l_run, i_n, i_h, G, M, K)
-            T.pdl_sync()  # decode_compressed's logits and partials are complete from here on
-
-            if i_br == 0:
-                # each head's LSE over the compressed stream, merged from the NS1 partials
-                if tx < G:
-                    a[0] = -T.infinity(acc)
-                    for s in T.unroll(MAX_SPLITS):
-                        a[0] = T.max(a[0], LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)])
-                    b[0] = 0
-                    for s in T.unroll(MAX_SPLITS):
-                        x = LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)]
-                        b[0] += T.if_then_else(s < NS1 and a[0] > -T.infinity(acc), T.exp2(x - a[0]), 0)
-                    lse_s[tx] = T.if_then_else(b[0] > 0, a[0] + T.log2(b[0]), -T.infinity(acc))
+            T.pdl_sync()  # the predecessor's output (logits and partials, or the ids) is complete
+            if fuse_select:
+                lse_s = T.alloc_shared([G], acc)
+                P_s = T.alloc_shared([NB_MAX * (l_sel // d)], acc)
+                S_s = T.alloc_shared([NB_MAX], "int32")
+                wk_s = T.alloc_shared([2, threads // 32], "int32")
+                wi_s = T.alloc_shared([2, threads // 32], "int32")
+                a = T.alloc_local([1], acc)
+                b = T.alloc_local([1], acc)
+                pu = T.alloc_local([U], acc)
+                bk = T.alloc_local([1], "int32")
+                bi = T.alloc_local([1], "int32")
+                pk = T.alloc_local([1], "int32")
+                rank = T.alloc_local([1], "int32")
+                if i_br == 0:
+                    n_keys = T.min(NumCmp[i_n], CC)
+                    cur = (Len[i_n] - 1) // l_sel
+                    choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, pu, bk, bi, pk, tx,
+                                  i_n, i_h, n_keys, cur, T.min(cur + 1, NB_MAX), NS1, CC, G, U, threads, l, d,
+                                  l_sel, n_sel)
+                    if i_s == 0:
+                        write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n_sel)
+            else:
+                for t in T.Parallel(n_sel):
+                    sel_s[t] = BlockIdx[i_n, i_h, t]
                 T.sync_threads()
-                # Eq. 10: p_cmp summed over the group, per compressed key; U keys per thread a step
-                for kb in T.serial(T.ceildiv(n_keys, threads * U)):
-                    for u in T.unroll(U):
-                        pu[u] = 0
-                    for g in T.unroll(G):
-                        for u in T.unroll(U):
-                            ik = (kb * U + u) * threads + tx
-                            y = Logits[i_n, i_h * G + g, T.min(ik, CC - 1)]
-                            pu[u] += T.exp2(y - lse_s[g])
-                    for u in T.unroll(U):
-                        ik2 = (kb * U + u) * threads + tx
-                        if ik2 < n_keys:
-                            P_s[ik2] = pu[u]
-                T.sync_threads()
-                # Eq. 9 block scores as keys; each thread keeps the best of its blocks j ≡ tx
-                bk[0] = KEY_MIN
-                bi[0] = BIG
-                for jb in T.serial(T.ceildiv(NB, threads)):
-                    j = jb * threads + tx
-                    if j < NB:
-                        a[0] = 0
-                        for kk in T.unroll(NKJ):
-                            i = j * R - first_key + kk
-                            w = T.max(T.min(i * d + l, (j + 1) * l_sel) - T.max(i * d, j * l_sel), 0)
-                            if i >= 0 and i < n_keys:
-                                a[0] += P_s[i] * (T.cast(w, acc) / d)
-                        bits = T.reinterpret(a[0], "int32")
-                        key = T.if_then_else(j == 0 or j == cur or j == cur - 1, KEY_POS_INF,
-                                             T.if_then_else(bits >= 0, bits, bits ^ 0x7FFFFFFF))
-                        S_s[j] = key
-                        if key > bk[0]:  # ascending ids: the first of equal keys stays
-                            bk[0] = key
-                            bi[0] = j
-                # top-n: each round the block-wide best (highest key, then lowest id)
-                for rnd in T.serial(n_sel):
-                    wk = T.warp_reduce_max(bk[0])
-                    wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
-                    if lane == 0:
-                        wk_s[rnd % 2, warp] = wk
-                        wi_s[rnd % 2, warp] = wi
-                    T.sync_threads()
-                    k2 = T.if_then_else(lane < NW, wk_s[rnd % 2, T.min(lane, NW - 1)], KEY_MIN)
-                    gk = T.warp_reduce_max(k2)
-                    gi = T.warp_reduce_min(T.if_then_else(k2 == gk, wi_s[rnd % 2, T.min(lane, NW - 1)], BIG))
-                    if tx == 0:
-                        sel_s[rnd] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
-                    if gk > KEY_NEG_INF and gi == bi[0]:
-                        # the owner moves on to its best block ranked after the winner (S_s stays
-                        # read-only: no thread reads another's blocks, so no barrier is needed here)
-                        pk[0] = bk[0]
-                        bk[0] = KEY_MIN
-                        bi[0] = BIG
-                        for jb2 in T.serial(T.ceildiv(NB, threads)):
-                            j2 = jb2 * threads + tx
-                            if j2 < NB:
-                                k3 = S_s[j2]
-                                if (k3 < pk[0] or (k3 == pk[0] and j2 > gi)) and k3 > bk[0]:
-                                    bk[0] = k3
-                                    bi[0] = j2
-                T.sync_threads()
-                # split 0 reports the ids: ascending, -1 last (each id's rank among the chosen)
-                if i_s == 0 and tx < n_sel:
-                    rank[0] = 0
-                    for k in T.serial(n_sel):
-                        ka = T.if_then_else(sel_s[k] >= 0, sel_s[k], BIG)
-                        kt = T.if_then_else(sel_s[tx] >= 0, sel_s[tx], BIG)
-                        rank[0] += T.if_then_else(ka < kt or (ka == kt and k < tx), 1, 0)
-                    BlockIdx[i_n, i_h, rank[0]] = sel_s[tx]
 
             for it in T.serial(T.ceildiv(T.max(n_tiles - i_s, 0), NS3)):
                 tile = i_s + it * NS3

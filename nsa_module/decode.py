@@ -1,11 +1,11 @@
 """One decode step of NSA on the kernels (kernels/decode.py): N sequences, one new query token each.
 
     o_cmp, logits  = attend(q, compressed stream)            # split over programs
-    ids            = top-n of the Eq. 9-10 block scores        # from the logits and the merged LSE,
-    o_slc, o_swa   = attend(q, the n selected blocks), attend(q, the sliding ring)   # one launch
+    ids            = top-n of the Eq. 9-10 block scores        # from the logits and the merged LSE
+    o_slc, o_swa   = attend(q, the n selected blocks), attend(q, the sliding ring)
     o              = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa    # LSE merge of the partials
 
-Three launches, no host sync, nothing read back: a step can be captured in a CUDA graph. Semantics
+Three launches (four past FUSE_SELECT_MAX_BLOCKS blocks: the selection on its own), no host sync, nothing read back: a step can be captured in a CUDA graph. Semantics
 are the reference's (reference/naive.py with `positions`): the new token is at position
 t = length - 1 of its sequence and already in the caches.
 """
@@ -25,6 +25,11 @@ from .common import check_kernel_dims, empty, sm_count, split_arg
 CMP_TILE = 32  # compressed keys per tile of the compressed-branch kernel (32: 11 programs per SM, 64: 6)
 CMP_ASYNC = False  # its tiles as cp.async copies: slower on the H100 (docs/perf-notes.md)
 SPARSE_TILE = 32  # rows per tile of the selected/sliding kernel (a block of l' is l' / 32 tiles)
+# Up to this many selection blocks (16k tokens at l' = 64) every split of the selected/sliding kernel
+# chooses the blocks itself (three launches); beyond, one 1024-thread program per kv head does it
+# first (four): its Σ_g p_cmp pass needs the threads (docs/perf-notes.md).
+FUSE_SELECT_MAX_BLOCKS = 256
+SELECT_THREADS = 1024
 # decode is memory bound: enough small programs to keep loads in flight (NSA_DECODE_PROGRAMS_PER_SM
 # overrides it for experiments)
 PROGRAMS_PER_SM = int(os.environ.get("NSA_DECODE_PROGRAMS_PER_SM", 4))
@@ -32,13 +37,16 @@ PROGRAMS_PER_SM = int(os.environ.get("NSA_DECODE_PROGRAMS_PER_SM", 4))
 
 @lru_cache(maxsize=None)
 def _kernels(H, G, K, V, l, d, l_sel, n, window, NB_MAX, dtype, scale, cmp_tile=None, cmp_async=None,
-             sparse_tile=None):
+             sparse_tile=None, fuse_select=None):
+    """(compressed, select or None, sparse, combine) kernels for one configuration."""
     cmp_tile = CMP_TILE if cmp_tile is None else cmp_tile
     cmp_async = CMP_ASYNC if cmp_async is None else cmp_async
     bt = min(l_sel, SPARSE_TILE if sparse_tile is None else sparse_tile)
+    fuse = NB_MAX <= FUSE_SELECT_MAX_BLOCKS if fuse_select is None else fuse_select
     return (K_dec.decode_compressed(H, G, K, V, cmp_tile, dtype, scale, **K_dec.pick_config(G), async_copy=cmp_async),
-            K_dec.decode_select_sparse(H, G, K, V, l, d, l_sel, n, NB_MAX, window, dtype, scale, BT=bt,
-                                       **K_dec.pick_sparse_config(G, n)),
+            None if fuse else K_dec.decode_select(H, G, l, d, l_sel, n, NB_MAX, threads=SELECT_THREADS),
+            K_dec.decode_sparse(H, G, K, V, l, d, l_sel, n, NB_MAX, window, fuse, dtype, scale, BT=bt,
+                                **K_dec.pick_sparse_config(G, n, fuse)),
             K_dec.decode_combine(H * G, V, window, dtype))
 
 
@@ -69,7 +77,8 @@ def _ints(name, t, N, device):
 
 def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_swa, swa_count, gates,
                     l: int, d: int, l_sel: int, n: int, scale: float):
-    """One step, validated and allocated, as its three kernel launches [(name, launch)] and the
+    """One step, validated and allocated, as its kernel launches [(name, launch)] (three, or four for
+    long caches, see FUSE_SELECT_MAX_BLOCKS) and the
     outputs they fill. q `[N, HQ, K]`; compressed stream k/v_cmp `[N, C, H, K|V]` holding num_cmp `[N]`
     tokens; raw selected-branch cache k/v_slc `[N, CAP, H, K|V]` holding lengths `[N]` tokens (the
     new one included; at least 1); sliding ring k/v_swa `[N, W, H, K|V]` with swa_count `[N]`
@@ -112,8 +121,8 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
 
     G = HQ // H
     dt = tl_dtype(q.dtype)
-    k_c, k_p, k_o = _kernels(H, G, Kd, V, l, d, l_sel, n, window, NB_MAX, dt, float(scale), CMP_TILE, CMP_ASYNC,
-                             SPARSE_TILE)
+    k_c, k_s, k_p, k_o = _kernels(H, G, Kd, V, l, d, l_sel, n, window, NB_MAX, dt, float(scale), CMP_TILE, CMP_ASYNC,
+                                  SPARSE_TILE)
     CC = k_cmp.shape[1]
     ns1 = _splits(-(-CC // CMP_TILE), N * H, dev)
     bt = min(l_sel, SPARSE_TILE)
@@ -134,10 +143,13 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
     o = empty(N, HQ, V, dtype=q.dtype, device=dev)
 
     g = [x.to(q.dtype).contiguous() for x in gates]
-    launches = [
-        ("compressed", lambda: k_c(q, k_cmp, v_cmp, num_cmp, s1, logits, o_part, lse_part)),
-        ("select+sparse", lambda: k_p(q, logits, num_cmp, k_slc, v_slc, lengths, k_swa, v_swa, swa_count, s1, s3,
-                                      block_indices, o_part, lse_part)),
+    launches = [("compressed", lambda: k_c(q, k_cmp, v_cmp, num_cmp, s1, logits, o_part, lse_part))]
+    if k_s is not None:
+        launches.append(("select", lambda: k_s(logits, lse_part, s1, num_cmp, lengths, block_indices)))
+    launches += [
+        ("sparse" if k_s is not None else "select+sparse",
+         lambda: k_p(q, logits, num_cmp, k_slc, v_slc, lengths, k_swa, v_swa, swa_count, s1, s3, block_indices,
+                     o_part, lse_part)),
         ("combine", lambda: k_o(o_part, lse_part, s1, s3, *g, o)),
     ]
     return launches, (o, block_indices)
