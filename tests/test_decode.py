@@ -55,13 +55,15 @@ def reference_decode(q, kv, ckv, num_cmp, gates, lengths, l, d, ls, n, W, scale)
 
 
 # (G, H, K, V, l, d, l', n, W, dtype, lengths): lengths include a sequence shorter than l (no
-# compressed token), one with fewer blocks than n (padding), ring not yet full, blocks ending mid-way
+# compressed token), one with fewer blocks than n (padding), ring not yet full, blocks ending mid-way;
+# the last case's cache (> 256 blocks) takes the four-launch path with the separate selection kernel
 CASES = [
     (16, 4, 128, 128, 32, 16, 64, 16, 512, torch.bfloat16, [5000, 1, 31, 300, 8191]),
     (8, 2, 64, 64, 32, 16, 64, 4, 64, torch.bfloat16, [100, 65, 2000]),
     (16, 2, 192, 128, 32, 16, 64, 16, 512, torch.bfloat16, [3000, 777]),
     (1, 4, 64, 64, 16, 8, 32, 5, 0, torch.float16, [900, 33, 2]),
     (4, 2, 128, 128, 64, 64, 64, 16, 100, torch.float16, [4096, 1500, 64]),
+    (16, 4, 128, 128, 32, 16, 64, 16, 512, torch.bfloat16, [20000, 3000, 1]),
 ]
 
 
@@ -116,6 +118,12 @@ def test_nsa_decode_is_cuda_graph_capturable():
     graph.replay()
     o_new, idx_new = step()
     assert torch.equal(o_g, o_new) and torch.equal(idx_g, idx_new)
+
+
+def test_both_selection_paths_are_covered():
+    from nsa_module.decode import FUSE_SELECT_MAX_BLOCKS
+    nbs = [K_dec.select_blocks_max(max(c[-1]) + 37, c[5], c[6]) for c in CASES]
+    assert min(nbs) <= FUSE_SELECT_MAX_BLOCKS < max(nbs)
 
 
 def test_select_blocks_max_doubles_and_bounds_shared_memory():
