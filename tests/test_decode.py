@@ -68,7 +68,8 @@ CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[0]}-K{c[2]}V{c[3]}-l{c[4]}d{c[5]}ls{c[6]}-n{c[7]}-W{c[8]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[0]}-K{c[2]}V{c[3]}-l{c[4]}d{c[5]}ls{c[6]}-n{c[7]}-W{c[8]}"
+                         f"-T{max(c[-1])}")
 def test_nsa_decode_matches_reference(case, poison_outputs):
     from tests.test_nsa import check_selection
     G, H, K, V, l, d, ls, n, W, dtype, lengths = case
