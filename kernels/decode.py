@@ -31,8 +31,8 @@ import tilelang.language as T
 
 from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16
 
-# decode_select_sparse keeps a sequence's block scores in shared memory, next to its Q rows and one
-# K/V tile (≤ 64 KB at K = V = 256)
+# the selection keeps a sequence's block scores in shared memory (inside decode_sparse next to its
+# Q rows and one K/V tile, ≤ 64 KB at K = V = 256)
 SELECT_SMEM_BYTES = 144 * 1024
 MAX_SPLITS = 64  # programs per (sequence, kv head, branch); the merges unroll over this many
 
@@ -46,7 +46,7 @@ def pick_config(G: int) -> dict:
 
 
 def select_blocks_max(capacity: int, d: int, l_sel: int) -> int:
-    """decode_select_sparse's compile-time bound on a sequence's selection blocks for a raw cache of
+    """The selection's compile-time bound on a sequence's selection blocks for a raw cache of
     `capacity` tokens: a power of two (one kernel per doubling of the cache), or 0 if its scores
     would not fit in shared memory."""
     nb = 32
