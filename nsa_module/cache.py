@@ -38,11 +38,11 @@ class GrowingBuffer:
         self.data[b, n0:n0 + x.shape[0]] = x
         self.lengths[b] = n0 + x.shape[0]
 
-    def append_rows(self, x: torch.Tensor) -> None:
-        """x `[B, H, D]`: one new entry for every sequence, in one indexed write."""
-        rows = torch.tensor(self.lengths, device=x.device)
+    def append_rows(self, x: torch.Tensor, seq: torch.Tensor, rows: torch.Tensor) -> None:
+        """x `[B, H, D]`: one new entry for every sequence, in one indexed write; seq = arange(B) and
+        rows = the current lengths, on x's device (the caller builds them once for all buffers)."""
         self._reserve(max(self.lengths) + 1)
-        self.data[torch.arange(len(self.lengths), device=x.device), rows] = x
+        self.data[seq, rows] = x
         self.lengths = [n + 1 for n in self.lengths]
 
     def get(self, b: int) -> torch.Tensor:
@@ -65,10 +65,10 @@ class RingBuffer:
         self.data[b, slots] = x[skip:]
         self.count[b] += x.shape[0] - skip
 
-    def append_rows(self, x: torch.Tensor) -> None:
-        """x `[B, H, D]`: one new entry for every sequence."""
-        slots = torch.tensor([c % self.W for c in self.count], device=x.device)
-        self.data[torch.arange(len(self.count), device=x.device), slots] = x
+    def append_rows(self, x: torch.Tensor, seq: torch.Tensor, slots: torch.Tensor) -> None:
+        """x `[B, H, D]`: one new entry for every sequence; seq = arange(B) and slots = count % W, on
+        x's device (the caller builds them once for both rings)."""
+        self.data[seq, slots] = x
         self.count = [c + 1 for c in self.count]
 
     def get(self, b: int) -> torch.Tensor:

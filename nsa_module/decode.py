@@ -36,17 +36,15 @@ PROGRAMS_PER_SM = int(os.environ.get("NSA_DECODE_PROGRAMS_PER_SM", 4))
 
 
 @lru_cache(maxsize=None)
-def _kernels(H, G, K, V, l, d, l_sel, n, window, NB_MAX, dtype, scale, cmp_tile=None, cmp_async=None,
-             sparse_tile=None, fuse_select=None):
-    """(compressed, select or None, sparse, combine) kernels for one configuration."""
-    cmp_tile = CMP_TILE if cmp_tile is None else cmp_tile
-    cmp_async = CMP_ASYNC if cmp_async is None else cmp_async
-    bt = min(l_sel, SPARSE_TILE if sparse_tile is None else sparse_tile)
-    fuse = NB_MAX <= FUSE_SELECT_MAX_BLOCKS if fuse_select is None else fuse_select
+def _kernels(H, G, K, V, l, d, l_sel, n, window, NB_MAX, dtype, scale, cmp_tile=CMP_TILE, cmp_async=CMP_ASYNC,
+             sparse_tile=SPARSE_TILE):
+    """(compressed, select or None, sparse, combine) kernels for one configuration; the selection is
+    fused into the sparse kernel up to FUSE_SELECT_MAX_BLOCKS blocks."""
+    fuse = NB_MAX <= FUSE_SELECT_MAX_BLOCKS
     return (K_dec.decode_compressed(H, G, K, V, cmp_tile, dtype, scale, **K_dec.pick_config(G), async_copy=cmp_async),
             None if fuse else K_dec.decode_select(H, G, l, d, l_sel, n, NB_MAX, threads=SELECT_THREADS),
-            K_dec.decode_sparse(H, G, K, V, l, d, l_sel, n, NB_MAX, window, fuse, dtype, scale, BT=bt,
-                                **K_dec.pick_sparse_config(G, n, fuse)),
+            K_dec.decode_sparse(H, G, K, V, l, d, l_sel, n, NB_MAX, window, fuse, dtype, scale,
+                                BT=min(l_sel, sparse_tile), **K_dec.pick_sparse_config(G, n, fuse)),
             K_dec.decode_combine(H * G, V, window, dtype))
 
 

@@ -229,16 +229,17 @@ class NativeSparseAttention(nn.Module):
         q `[N, HQ, K]` and gates (3 × `[N, HQ]`); their keys/values go into the cache (one indexed
         write per buffer), then every compressed token now complete is emitted."""
         N = x.shape[0]
-        positions = torch.tensor(cache.lengths, device=x.device)
+        positions = torch.tensor(cache.lengths, device=x.device)  # also each raw buffer's next row
+        seq = torch.arange(N, device=x.device)
         q, kv, gates = self._project(x.view(1, N, -1), positions)  # the batch as one sequence of N tokens
-        cache.slc_k.append_rows(kv["slc"][0][0])
-        cache.slc_v.append_rows(kv["slc"][1][0])
-        if not self.shared_kv:
-            cache.cmp_k.append_rows(kv["cmp"][0][0])
-            cache.cmp_v.append_rows(kv["cmp"][1][0])
+        raw = [(cache.slc_k, cache.slc_v, "slc")] + ([] if self.shared_kv else [(cache.cmp_k, cache.cmp_v, "cmp")])
+        for kb, vb, name in raw:
+            kb.append_rows(kv[name][0][0], seq, positions)
+            vb.append_rows(kv[name][1][0], seq, positions)
         if self.W > 0:
-            cache.swa_k.append_rows(kv["swa"][0][0])
-            cache.swa_v.append_rows(kv["swa"][1][0])
+            slots = torch.tensor([c % self.W for c in cache.swa_k.count], device=x.device)
+            cache.swa_k.append_rows(kv["swa"][0][0], seq, slots)
+            cache.swa_v.append_rows(kv["swa"][1][0], seq, slots)
         for n in range(N):
             self._emit_compressed(cache, n)
         return q[0], tuple(g[0] for g in gates)
