@@ -7,9 +7,10 @@ A step for N sequences (the new token at position t = Len[n] - 1, already in the
      the raw logits q·k·scale·log2e (Logits), which the selection reuses.
   2. `choose_blocks`      (a macro) the top-n blocks of a (sequence, kv head): the LSE of the G heads
      from the NS1 partials, p_cmp = exp2(logit - LSE) summed over the group, the Eq. 9 block
-     scores, n rounds of a block-wide argmax (ties toward the lower id, block 0 and the two local
-     blocks forced). Run by `decode_select` (one 1024-thread program per kv head, for long caches)
-     or inside `decode_sparse` by each of its splits (short caches: one launch fewer).
+     scores, then the top n (ties toward the lower id, block 0 and the two local blocks forced):
+     by ranking every block against all, inside `decode_sparse` by each of its splits (short
+     caches: one launch fewer), or by n rounds of a block-wide argmax in `decode_select` (one
+     1024-thread program per kv head, for long caches).
   3. `decode_sparse`      the selected blocks (grid z = 0) and the sliding ring (z = 1, slot by slot:
      softmax ignores order), each split over NS3 programs.
   4. `decode_combine`     per (sequence, query head): the LSE merge of each branch's partials, times
@@ -128,9 +129,11 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
             l = T.alloc_fragment([M], acc)
             l_blk = T.alloc_fragment([M], acc)
 
+            nk = T.alloc_local([1], "int32")  # in a register (an expression is reloaded at every use)
             i_n = i_nh // H
             i_h = i_nh % H
-            n_keys = T.min(NumCmp[i_n], CC)
+            nk[0] = T.min(NumCmp[i_n], CC)
+            n_keys = nk[0]
             start_rows(Q, Q_s, acc_o, m, l, i_n, i_h, G, M, K)
 
             n_it = T.ceildiv(T.max(T.ceildiv(n_keys, BN) - i_s, 0), NS1)
@@ -151,6 +154,17 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
     return main
 
 
+LCH = 16  # bound on a thread's split LSEs in flight together
+
+
+def lse_lanes(G: int, threads: int):
+    """The LSE merge's layout: TPH threads a head (a power of two ≤ 32), LT loads each in flight,
+    log2(TPH) shuffle levels."""
+    tph = 1
+    while tph * 2 <= min(32, threads // G):
+        tph *= 2
+    return tph, min(LCH, max(2, 32 // tph)), tph.bit_length() - 1
+
 KEY_MIN = -(2 ** 31)  # below every float's order key
 KEY_NEG_INF = -2139095041  # order key of -inf: a block that cannot be chosen
 KEY_POS_INF = 2139095040  # order key of +inf: a forced block
@@ -158,17 +172,19 @@ BIG = 2 ** 30  # an id past every block
 
 
 @T.macro
-def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, pu, bk, bi, pk, tx, i_n, i_h,
-                  n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n_sel):
-    """The top-n blocks of (sequence i_n, kv head i_h) into sel_s (in the order chosen, -1 when
-    fewer than n can be chosen), by all `threads` threads of the program.
+def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n, i_h,
+                  n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes, rank=None):
+    """The top-n blocks of (sequence i_n, kv head i_h) into sel_s (best first, -1 when fewer than
+    n can be chosen), by all `threads` threads of the program.
 
     Each head's LSE merged from decode_compressed's NS1 partials; Σ_g p_cmp per compressed key from
     its logits (Eq. 10); the Eq. 9 block scores as order-preserving int32 keys (float bits,
-    negatives flipped), forced blocks (0 and the two local ones) +inf; then n rounds of a
-    block-wide argmax: two single-instruction warp reductions (max key, then min id among equal
-    keys) per level and one barrier, each thread caching the best of its own blocks j ≡ tx and
-    only the owner of a round's winner rescanning for its best ranked after it."""
+    negatives flipped), forced blocks (0 and the two local ones) +inf; ties go to the lower id.
+    Then, for few blocks (`rank` = the buffers of the ranking): every block's rank among all as a
+    count of the blocks that beat it, one 64-bit compare each, the top n placed by rank; for many
+    (rank None): n rounds of a block-wide argmax, two single-instruction warp reductions (max key,
+    then min id among equal keys) per level and one barrier, each thread caching the best of its
+    own blocks j ≡ tx and only the owner of a round's winner rescanning for its best after it."""
     acc = "float32"
     R = l_sel // d  # compressed keys per selection block stride
     NKJ = (l_sel + l - d) // d  # compressed keys overlapping one selection block
@@ -176,15 +192,34 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, pu
     NW = threads // 32
     lane = tx % 32
     warp = tx // 32
-    if tx < G:  # unrolled, loads clamped instead of guarded: all in flight at once
+    # each head's LSE from the NS1 partials: TPH threads a head, each an online log-sum-exp over
+    # its splits (LT loads in flight at a time), merged across the group by shuffles
+    TPH, LT, LOG_TPH = lse_lanes
+    HPP = threads // TPH  # heads per pass
+    for hp in T.unroll((G + HPP - 1) // HPP):
+        g = hp * HPP + tx // TPH
         a[0] = -T.infinity(acc)
-        for s in T.unroll(MAX_SPLITS):
-            a[0] = T.max(a[0], LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)])
         b[0] = 0
-        for s in T.unroll(MAX_SPLITS):
-            x = LSE_part[i_n, i_h * G + tx, T.min(s, NS1 - 1)]
-            b[0] += T.if_then_else(s < NS1 and a[0] > -T.infinity(acc), T.exp2(x - a[0]), 0)
-        lse_s[tx] = T.if_then_else(b[0] > 0, a[0] + T.log2(b[0]), -T.infinity(acc))
+        for sb in T.serial(T.ceildiv(NS1, TPH * LT)):
+            for u in T.unroll(LT):
+                x = LSE_part[i_n, i_h * G + T.min(g, G - 1), T.min((sb * LT + u) * TPH + tx % TPH, NS1 - 1)]
+                ev[u] = T.if_then_else((sb * LT + u) * TPH + tx % TPH < NS1, x, -T.infinity(acc))
+            ev[LT] = a[0]
+            for u in T.unroll(LT):
+                ev[LT] = T.max(ev[LT], ev[u])
+            b[0] = T.if_then_else(ev[LT] > -T.infinity(acc), b[0] * T.exp2(a[0] - ev[LT]), 0)
+            for u in T.unroll(LT):
+                b[0] += T.if_then_else(ev[LT] > -T.infinity(acc), T.exp2(ev[u] - ev[LT]), 0)
+            a[0] = ev[LT]
+        for k in T.unroll(LOG_TPH):
+            ev[0] = T.shfl_xor(a[0], TPH >> (k + 1))
+            ev[1] = T.shfl_xor(b[0], TPH >> (k + 1))
+            ev[2] = T.max(a[0], ev[0])
+            b[0] = T.if_then_else(ev[2] > -T.infinity(acc),
+                                  b[0] * T.exp2(a[0] - ev[2]) + ev[1] * T.exp2(ev[0] - ev[2]), 0)
+            a[0] = ev[2]
+        if tx % TPH == 0 and g < G:
+            lse_s[g] = T.if_then_else(b[0] > 0, a[0] + T.log2(b[0]), -T.infinity(acc))
     T.sync_threads()
     for kb in T.serial(T.ceildiv(n_keys, threads * U)):  # U keys per thread a step
         for u in T.unroll(U):
@@ -214,34 +249,59 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, pu
             key = T.if_then_else(j == 0 or j == cur or j == cur - 1, KEY_POS_INF,
                                  T.if_then_else(bits >= 0, bits, bits ^ 0x7FFFFFFF))
             S_s[j] = key
-            if key > bk[0]:  # ascending ids: the first of equal keys stays
+            if rank is None and key > bk[0]:  # ascending ids: the first of equal keys stays
                 bk[0] = key
                 bi[0] = j
-    for rnd in T.serial(n_sel):
-        wk = T.warp_reduce_max(bk[0])
-        wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
-        if lane == 0:
-            wk_s[rnd % 2, warp] = wk
-            wi_s[rnd % 2, warp] = wi
-        T.sync_threads()
-        k2 = T.if_then_else(lane < NW, wk_s[rnd % 2, T.min(lane, NW - 1)], KEY_MIN)
-        gk = T.warp_reduce_max(k2)
-        gi = T.warp_reduce_min(T.if_then_else(k2 == gk, wi_s[rnd % 2, T.min(lane, NW - 1)], BIG))
-        if tx == 0:
-            sel_s[rnd] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
-        if gk > KEY_NEG_INF and gi == bi[0]:
-            # the owner moves on to its best block ranked after the winner (S_s stays read-only:
-            # no thread reads another's blocks, so no barrier is needed here)
-            pk[0] = bk[0]
-            bk[0] = KEY_MIN
-            bi[0] = BIG
-            for jb2 in T.serial(T.ceildiv(NB, threads)):
-                j2 = jb2 * threads + tx
-                if j2 < NB:
-                    k3 = S_s[j2]
-                    if (k3 < pk[0] or (k3 == pk[0] and j2 > gi)) and k3 > bk[0]:
-                        bk[0] = k3
-                        bi[0] = j2
+    if rank is not None:
+        # each block's rank among all: keys made unique as (key, -id) in one int64 (higher key
+        # first, then the lower id), so a comparison is one 64-bit compare; the top n fill sel_s
+        C_s, rk, cj, cv, OWN, NB_MAX = rank
+        for jb in T.serial(T.ceildiv(NB_MAX, threads)):  # the thread that wrote S_s[j]
+            if jb * threads + tx < NB_MAX:
+                C_s[jb * threads + tx] = (T.cast(T.if_then_else(jb * threads + tx < NB, S_s[jb * threads + tx], KEY_MIN),
+                                                 "int64") * (2 ** 32) + (2 ** 31 - 1 - jb * threads - tx))
+        for t in T.serial(T.ceildiv(n_sel, threads)):
+            if t * threads + tx < n_sel:
+                sel_s[t * threads + tx] = -1
+        T.sync_threads()  # C_s complete, sel_s cleared
+        for o in T.unroll(OWN):
+            rk[o] = 0
+            cj[o] = C_s[o * threads + tx]
+        for ib in T.serial(T.ceildiv(NB, 4)):  # past NB: padding, below every block
+            for u in T.vectorized(4):
+                cv[u] = C_s[ib * 4 + u]
+            for u in T.unroll(4):
+                for o in T.unroll(OWN):
+                    rk[o] += T.if_then_else(cv[u] > cj[o], 1, 0)
+        for o in T.unroll(OWN):
+            if o * threads + tx < NB and rk[o] < n_sel and S_s[o * threads + tx] > KEY_NEG_INF:
+                sel_s[rk[o]] = o * threads + tx
+    else:
+        for rnd in T.serial(n_sel):
+            wk = T.warp_reduce_max(bk[0])
+            wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
+            if lane == 0:
+                wk_s[rnd % 2, warp] = wk
+                wi_s[rnd % 2, warp] = wi
+            T.sync_threads()
+            k2 = T.if_then_else(lane < NW, wk_s[rnd % 2, T.min(lane, NW - 1)], KEY_MIN)
+            gk = T.warp_reduce_max(k2)
+            gi = T.warp_reduce_min(T.if_then_else(k2 == gk, wi_s[rnd % 2, T.min(lane, NW - 1)], BIG))
+            if tx == 0:
+                sel_s[rnd] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
+            if gk > KEY_NEG_INF and gi == bi[0]:
+                # the owner moves on to its best block ranked after the winner (S_s stays read-only:
+                # no thread reads another's blocks, so no barrier is needed here)
+                pk[0] = bk[0]
+                bk[0] = KEY_MIN
+                bi[0] = BIG
+                for jb2 in T.serial(T.ceildiv(NB, threads)):
+                    j2 = jb2 * threads + tx
+                    if j2 < NB:
+                        k3 = S_s[j2]
+                        if (k3 < pk[0] or (k3 == pk[0] and j2 > gi)) and k3 > bk[0]:
+                            bk[0] = k3
+                            bi[0] = j2
     T.sync_threads()
 
 
@@ -284,20 +344,22 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             sel_s = T.alloc_shared([n_sel], "int32")
             a = T.alloc_local([1], acc)
             b = T.alloc_local([1], acc)
+            ev = T.alloc_local([LCH + 1], acc)
             pu = T.alloc_local([U], acc)
             bk = T.alloc_local([1], "int32")
             bi = T.alloc_local([1], "int32")
             pk = T.alloc_local([1], "int32")
             rank = T.alloc_local([1], "int32")
+            sv = T.alloc_local([3], "int32")  # held in registers: an expression would be reloaded at every use
             tx = T.get_thread_binding(0)
             i_n = i_nh // H
             i_h = i_nh % H
-            n_keys = T.min(NumCmp[i_n], CC)
-            cur = (Len[i_n] - 1) // l_sel  # the new token's block; blocks 0 … cur exist
-            NB = T.min(cur + 1, NB_MAX)
+            sv[0] = T.min(NumCmp[i_n], CC)
+            sv[1] = (Len[i_n] - 1) // l_sel  # the new token's block; blocks 0 … cur exist
+            sv[2] = T.min(sv[1] + 1, NB_MAX)
             T.pdl_sync()  # decode_compressed's logits and partials are complete from here on
-            choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, pu, bk, bi, pk, tx, i_n, i_h,
-                          n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n_sel)
+            choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n,
+                          i_h, sv[0], sv[1], sv[2], NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes(G, threads))
             write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n_sel)
             T.pdl_trigger()
 
@@ -324,8 +386,9 @@ def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_
     filled slots. Program s takes tiles s, s + NS3, …; its partial goes to column NS1 + z·NS3 + s.
 
     The blocks: read from BlockIdx (decode_select wrote it), or with fuse_select chosen here —
-    every split of a (sequence, kv head) runs choose_blocks itself (side by side, so it costs no
-    time and saves a launch; split 0 writes BlockIdx). LSE_part's columns < NS1 are read then."""
+    every split of a (sequence, kv head) runs choose_blocks itself, ranking the ≤ NB_MAX blocks
+    (side by side, so it costs no time and saves a launch; split 0 writes BlockIdx). LSE_part's
+    columns < NS1 are read then."""
     N, CC, CAP, RW, NS1, NS3, NST = T.dynamic("N, CC, CAP, RW, NS1, NS3, NST")
     HQ = H * G
     sc = scale * LOG2E
@@ -379,17 +442,25 @@ def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_
                 wi_s = T.alloc_shared([2, threads // 32], "int32")
                 a = T.alloc_local([1], acc)
                 b = T.alloc_local([1], acc)
+                ev = T.alloc_local([LCH + 1], acc)
                 pu = T.alloc_local([U], acc)
                 bk = T.alloc_local([1], "int32")
                 bi = T.alloc_local([1], "int32")
                 pk = T.alloc_local([1], "int32")
                 rank = T.alloc_local([1], "int32")
+                sv = T.alloc_local([3], "int32")  # in registers (an expression is reloaded at every use)
+                OWN = (NB_MAX + threads - 1) // threads  # blocks a thread ranks
+                C_s = T.alloc_shared([NB_MAX], "int64")  # (key, -id) of each block
+                rk = T.alloc_local([OWN], "int32")
+                cj = T.alloc_local([OWN], "int64")
+                cv = T.alloc_local([4], "int64")
                 if i_br == 0:
-                    n_keys = T.min(NumCmp[i_n], CC)
-                    cur = (Len[i_n] - 1) // l_sel
-                    choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, pu, bk, bi, pk, tx,
-                                  i_n, i_h, n_keys, cur, T.min(cur + 1, NB_MAX), NS1, CC, G, U, threads, l, d,
-                                  l_sel, n_sel)
+                    sv[0] = T.min(NumCmp[i_n], CC)
+                    sv[1] = (Len[i_n] - 1) // l_sel
+                    sv[2] = T.min(sv[1] + 1, NB_MAX)
+                    choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, ev, pu, bk, bi, pk, tx,
+                                  i_n, i_h, sv[0], sv[1], sv[2], NS1, CC, G, U, threads, l, d,
+                                  l_sel, n_sel, lse_lanes(G, threads), (C_s, rk, cj, cv, OWN, NB_MAX))
                     if i_s == 0:
                         write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n_sel)
             else:
@@ -418,17 +489,24 @@ def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def decode_combine(HQ: int, V: int, window: bool, dtype: str, threads: int = 128):
+def decode_combine(HQ: int, V: int, window: bool, dtype: str, threads: int = 512):
     """Kernel(O_part, LSE_part, Split1, Split3, Gcmp, Gslc, Gswa, O): per (sequence, query head),
     each branch's partials merged by their LSE (a branch that saw nothing gives 0, never NaN),
-    times its gate `[N, HQ]`, summed into O `[N, HQ, V]`. At most MAX_SPLITS partials a branch;
-    warp b computes branch b's weights, then every column sums its partials CHUNK at a time, the
-    loads unrolled and clamped (weight 0 past a branch's splits) so that they overlap."""
+    times its gate `[N, HQ]`, summed into O `[N, HQ, V]`. At most MAX_SPLITS partials a branch.
+
+    Warp b computes branch b's weights (gate · exp2(lse - max) / Σ) into one row over the NST
+    partial columns; then the threads, as SL slices × V/4 column quads, each sum the columns
+    ≡ slice (mod SL) with their loads unrolled and clamped (weight 0 past NST) so that they are in
+    flight together; the slices are added through shared memory. At B = 1 a step has ~80 partials
+    a head: one round of loads instead of one per 16 partials."""
     N, NS1, NS3, NST = T.dynamic("N, NS1, NS3, NST")
     acc = "float32"
     NBR = 3 if window else 2
     PL = MAX_SPLITS // 32  # splits per lane
-    CHUNK = 16  # partials summed with their loads in flight together (weights 0 past the last)
+    QD = V // 4  # column quads (16-byte loads)
+    SL = threads // QD  # slices of the partial columns
+    CHUNK = 8  # columns per slice with their loads in flight together
+    assert SL >= 1 and threads >= V and threads // 32 >= NBR  # threads past SL·QD only add the slices
 
     @T.prim_func
     def main(
@@ -442,14 +520,17 @@ def decode_combine(HQ: int, V: int, window: bool, dtype: str, threads: int = 128
         O: T.Tensor([N, HQ, V], dtype),
     ):
         with T.Kernel(N * HQ, threads=threads) as i_nq:
-            w_s = T.alloc_shared([3, MAX_SPLITS], acc)  # gate · exp2(lse - max) / Σ, per split
+            w_s = T.alloc_shared([3 * MAX_SPLITS], acc)  # weight of each partial column
+            red_s = T.alloc_shared([SL, V], acc)  # each slice's sums
             e = T.alloc_local([PL], acc)
             mx = T.alloc_local([1], acc)
             den = T.alloc_local([1], acc)
-            o = T.alloc_local([1], acc)
+            o4 = T.alloc_local([4], acc)
             tx = T.get_thread_binding(0)
             lane = tx % 32
             br = tx // 32
+            sl = tx // QD
+            cq = tx % QD
             i_n = i_nq // HQ
             i_q = i_nq % HQ
             T.pdl_sync()  # every partial is complete from here on
@@ -469,19 +550,25 @@ def decode_combine(HQ: int, V: int, window: bool, dtype: str, threads: int = 128
                 den[0] = T.warp_reduce_sum(den[0])
                 gate = T.if_then_else(br == 0, Gcmp[i_n, i_q], T.if_then_else(br == 1, Gslc[i_n, i_q], Gswa[i_n, i_q]))
                 for u in T.unroll(PL):
-                    w_s[br, u * 32 + lane] = T.if_then_else(den[0] > 0, e[u] * T.cast(gate, acc) / den[0], 0)
+                    if u * 32 + lane < ns:
+                        w_s[lo + u * 32 + lane] = T.if_then_else(den[0] > 0, e[u] * T.cast(gate, acc) / den[0], 0)
             T.sync_threads()
-            for cb in T.serial(T.ceildiv(V, threads)):
-                c = cb * threads + tx
-                if c < V:
-                    o[0] = 0
-                    for b in T.unroll(NBR):
-                        lo = T.if_then_else(b == 0, 0, NS1 + (b - 1) * NS3)
-                        ns = T.if_then_else(b == 0, NS1, NS3)
-                        for sb in T.serial(T.ceildiv(ns, CHUNK)):
-                            for u in T.unroll(CHUNK):
-                                s = T.min(sb * CHUNK + u, MAX_SPLITS - 1)
-                                o[0] += w_s[b, s] * O_part[i_n, i_q, T.min(lo + s, NST - 1), c]
-                    O[i_n, i_q, c] = T.cast(o[0], dtype)
+            if sl < SL:
+                for v in T.vectorized(4):
+                    o4[v] = 0
+                for cb in T.serial(T.ceildiv(T.ceildiv(NST, SL), CHUNK)):
+                    for u in T.unroll(CHUNK):
+                        col = (cb * CHUNK + u) * SL + sl
+                        wt = T.if_then_else(col < NST, w_s[T.min(col, NST - 1)], 0)
+                        for v in T.vectorized(4):
+                            o4[v] += wt * O_part[i_n, i_q, T.min(col, NST - 1), cq * 4 + v]
+                for v in T.vectorized(4):
+                    red_s[sl, cq * 4 + v] = o4[v]
+            T.sync_threads()
+            if tx < V:
+                o4[0] = 0
+                for k in T.serial(SL):
+                    o4[0] += red_s[k, tx]
+                O[i_n, i_q, tx] = T.cast(o4[0], dtype)
 
     return main

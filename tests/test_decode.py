@@ -166,8 +166,11 @@ def test_bad_decode_arguments_raise(over, exc, msg):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("G, K, V, window", [(16, 128, 128, True), (8, 64, 64, True), (1, 64, 64, False)])
-def test_compile_decode_kernels(G, K, V, window, sm90_target):
+@pytest.mark.parametrize("G, K, V, window, NB_MAX", [(16, 128, 128, True, 4096), (16, 128, 128, True, 128),
+                                                     (8, 64, 64, True, 4096), (1, 64, 64, False, 4096),
+                                                     (4, 192, 192, True, 256)])
+def test_compile_decode_kernels(G, K, V, window, NB_MAX, sm90_target):
+    """Both selection paths (ranked inside decode_sparse up to 256 blocks, decode_select beyond)."""
     from nsa_module.decode import _kernels
-    for kern in _kernels(4, G, K, V, 32, 16, 64, 16, window, 4096, "bfloat16", K ** -0.5):
+    for kern in [k for k in _kernels(4, G, K, V, 32, 16, 64, 16, window, NB_MAX, "bfloat16", K ** -0.5) if k]:
         assert "__global__" in kern.get_kernel_source()
