@@ -30,6 +30,10 @@ SPARSE_TILE = 32  # rows per tile of the selected/sliding kernel (a block of l' 
 # first (four): its Σ_g p_cmp pass needs the threads (docs/perf-notes.md).
 FUSE_SELECT_MAX_BLOCKS = 256
 SELECT_THREADS = 1024
+# The combine: wide programs (512 threads) while the grid fits in one wave, where a step has few
+# sequences and many partials; narrow ones beyond (a B = 16 step has 1024 programs and ~19 partials
+# a head). NSA_DECODE_COMBINE_WIDE_MAX overrides it for experiments.
+COMBINE_WIDE_MAX_PROGRAMS = int(os.environ.get("NSA_DECODE_COMBINE_WIDE_MAX", 512))
 # decode is memory bound: enough small programs to keep loads in flight (NSA_DECODE_PROGRAMS_PER_SM
 # overrides it for experiments)
 PROGRAMS_PER_SM = int(os.environ.get("NSA_DECODE_PROGRAMS_PER_SM", 4))
@@ -38,14 +42,20 @@ PROGRAMS_PER_SM = int(os.environ.get("NSA_DECODE_PROGRAMS_PER_SM", 4))
 @lru_cache(maxsize=None)
 def _kernels(H, G, K, V, l, d, l_sel, n, window, NB_MAX, dtype, scale, cmp_tile=CMP_TILE, cmp_async=CMP_ASYNC,
              sparse_tile=SPARSE_TILE):
-    """(compressed, select or None, sparse, combine) kernels for one configuration; the selection is
-    fused into the sparse kernel up to FUSE_SELECT_MAX_BLOCKS blocks."""
+    """(compressed, select or None, sparse, {threads: combine}) kernels for one configuration; the
+    selection is fused into the sparse kernel up to FUSE_SELECT_MAX_BLOCKS blocks."""
     fuse = NB_MAX <= FUSE_SELECT_MAX_BLOCKS
     return (K_dec.decode_compressed(H, G, K, V, cmp_tile, dtype, scale, **K_dec.pick_config(G), async_copy=cmp_async),
             None if fuse else K_dec.decode_select(H, G, l, d, l_sel, n, NB_MAX, threads=SELECT_THREADS),
             K_dec.decode_sparse(H, G, K, V, l, d, l_sel, n, NB_MAX, window, fuse, dtype, scale,
                                 BT=min(l_sel, sparse_tile), **K_dec.pick_sparse_config(G, n, fuse)),
-            K_dec.decode_combine(H * G, V, window, dtype))
+            {t: K_dec.decode_combine(H * G, V, window, dtype, threads=t) for t in _combine_threads(V)})
+
+
+def _combine_threads(V):
+    """The combine's two sizes: narrow (a few slices of the partials per column) and wide (16
+    slices at V = 128: one round of loads for ~80 partials)."""
+    return max(128, -(-V // 32) * 32), 512
 
 
 def _splits(tiles: int, programs: int, device) -> int:
@@ -141,6 +151,7 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
     o = empty(N, HQ, V, dtype=q.dtype, device=dev)
 
     g = [x.to(q.dtype).contiguous() for x in gates]
+    k_comb = k_o[_combine_threads(V)[N * HQ <= COMBINE_WIDE_MAX_PROGRAMS]]
     launches = [("compressed", lambda: k_c(q, k_cmp, v_cmp, num_cmp, s1, logits, o_part, lse_part))]
     if k_s is not None:
         launches.append(("select", lambda: k_s(logits, lse_part, s1, num_cmp, lengths, block_indices)))
@@ -148,7 +159,7 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
         ("sparse" if k_s is not None else "select+sparse",
          lambda: k_p(q, logits, num_cmp, k_slc, v_slc, lengths, k_swa, v_swa, swa_count, s1, s3, block_indices,
                      o_part, lse_part)),
-        ("combine", lambda: k_o(o_part, lse_part, s1, s3, *g, o)),
+        ("combine", lambda: k_comb(o_part, lse_part, s1, s3, *g, o)),
     ]
     return launches, (o, block_indices)
 

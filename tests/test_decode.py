@@ -71,6 +71,19 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{c[0]}-K{c[2]}V{c[3]}-l{c[4]}d{c[5]}ls{c[6]}-n{c[7]}-W{c[8]}"
                          f"-T{max(c[-1])}")
 def test_nsa_decode_matches_reference(case, poison_outputs):
+    check_decode_case(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["window", "no-window"])
+def test_nsa_decode_narrow_combine(case, poison_outputs, monkeypatch):
+    """The combine's narrow programs (taken by large batches) on the same cases."""
+    import nsa_module.decode as D
+    monkeypatch.setattr(D, "COMBINE_WIDE_MAX_PROGRAMS", 0)
+    check_decode_case(case)
+
+
+def check_decode_case(case):
     from tests.test_nsa import check_selection
     G, H, K, V, l, d, ls, n, W, dtype, lengths = case
     N, HQ, dev = len(lengths), G * H, "cuda"
@@ -172,5 +185,6 @@ def test_bad_decode_arguments_raise(over, exc, msg):
 def test_compile_decode_kernels(G, K, V, window, NB_MAX, sm90_target):
     """Both selection paths (ranked inside decode_sparse up to 256 blocks, decode_select beyond)."""
     from nsa_module.decode import _kernels
-    for kern in [k for k in _kernels(4, G, K, V, 32, 16, 64, 16, window, NB_MAX, "bfloat16", K ** -0.5) if k]:
+    k_c, k_s, k_p, k_o = _kernels(4, G, K, V, 32, 16, 64, 16, window, NB_MAX, "bfloat16", K ** -0.5)
+    for kern in [k_c, k_p, *k_o.values()] + ([k_s] if k_s else []):
         assert "__global__" in kern.get_kernel_source()
