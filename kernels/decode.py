@@ -172,8 +172,8 @@ BIG = 2 ** 30  # an id past every block
 
 
 @T.macro
-def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n, i_h,
-                  n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes, rank=None):
+def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n, i_h,
+                  n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes, rank=None, tourney=None):
     """The top-n blocks of (sequence i_n, kv head i_h) into sel_s (best first, -1 when fewer than
     n can be chosen), by all `threads` threads of the program.
 
@@ -181,10 +181,12 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, ev
     its logits (Eq. 10); the Eq. 9 block scores as order-preserving int32 keys (float bits,
     negatives flipped), forced blocks (0 and the two local ones) +inf; ties go to the lower id.
     Then, for few blocks (`rank` = the buffers of the ranking): every block's rank among all as a
-    count of the blocks that beat it, one 64-bit compare each, the top n placed by rank; for many
-    (rank None): n rounds of a block-wide argmax, two single-instruction warp reductions (max key,
-    then min id among equal keys) per level and one barrier, each thread caching the best of its
-    own blocks j ≡ tx and only the owner of a round's winner rescanning for its best after it."""
+    count of the blocks that beat it, one 64-bit compare each, the top n placed by rank. For many
+    (`tourney` = each warp's candidates in shared memory, a list pointer): each warp its own top n
+    in n rounds of two single-instruction warp reductions (max key, then min id among equal keys),
+    each thread caching the best of its own blocks j ≡ tx and only the owner of a round's winner
+    rescanning for its best after it; then, after one barrier, warp 0 merges the warps' sorted
+    lists (lane w holds the head of warp w's) in n more rounds: no barrier inside a round."""
     acc = "float32"
     R = l_sel // d  # compressed keys per selection block stride
     NKJ = (l_sel + l - d) // d  # compressed keys overlapping one selection block
@@ -252,6 +254,9 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, ev
             if rank is None and key > bk[0]:  # ascending ids: the first of equal keys stays
                 bk[0] = key
                 bi[0] = j
+    # every thread is done reading P_s: the shared-memory planner may place what follows on it,
+    # and TileLang inserts no barrier for that reuse by itself
+    T.sync_threads()
     if rank is not None:
         # each block's rank among all: keys made unique as (key, -id) in one int64 (higher key
         # first, then the lower id), so a comparison is one 64-bit compare; the top n fill sel_s
@@ -277,19 +282,14 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, ev
             if o * threads + tx < NB and rk[o] < n_sel and S_s[o * threads + tx] > KEY_NEG_INF:
                 sel_s[rk[o]] = o * threads + tx
     else:
-        for rnd in T.serial(n_sel):
+        cand_k, cand_i, hp, sl_ = tourney
+        for rnd in T.serial(n_sel):  # each warp's top n, best first
             wk = T.warp_reduce_max(bk[0])
             wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
             if lane == 0:
-                wk_s[rnd % 2, warp] = wk
-                wi_s[rnd % 2, warp] = wi
-            T.sync_threads()
-            k2 = T.if_then_else(lane < NW, wk_s[rnd % 2, T.min(lane, NW - 1)], KEY_MIN)
-            gk = T.warp_reduce_max(k2)
-            gi = T.warp_reduce_min(T.if_then_else(k2 == gk, wi_s[rnd % 2, T.min(lane, NW - 1)], BIG))
-            if tx == 0:
-                sel_s[rnd] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
-            if gk > KEY_NEG_INF and gi == bi[0]:
+                cand_k[warp, rnd] = wk
+                cand_i[warp, rnd] = wi
+            if wi < BIG and wi == bi[0]:  # (a warp with no blocks left reports BIG)
                 # the owner moves on to its best block ranked after the winner (S_s stays read-only:
                 # no thread reads another's blocks, so no barrier is needed here)
                 pk[0] = bk[0]
@@ -299,9 +299,29 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, ev
                     j2 = jb2 * threads + tx
                     if j2 < NB:
                         k3 = S_s[j2]
-                        if (k3 < pk[0] or (k3 == pk[0] and j2 > gi)) and k3 > bk[0]:
+                        if (k3 < pk[0] or (k3 == pk[0] and j2 > wi)) and k3 > bk[0]:
                             bk[0] = k3
                             bi[0] = j2
+        T.sync_threads()
+        if warp == 0:  # merge the NW sorted lists: lane w holds the head of warp w's
+            # only shared-memory reads in here (a write would make TileLang put a barrier inside
+            # this one-warp branch): round r's winner stays in lane r % 32's register sl[r // 32]
+            hp[0] = 0
+            bk[0] = T.if_then_else(lane < NW, cand_k[T.min(lane, NW - 1), 0], KEY_MIN)
+            bi[0] = T.if_then_else(lane < NW, cand_i[T.min(lane, NW - 1), 0], BIG)
+            for rnd in T.serial(n_sel):
+                gk = T.warp_reduce_max(bk[0])
+                gi = T.warp_reduce_min(T.if_then_else(bk[0] == gk, bi[0], BIG))
+                for q in T.unroll((n_sel + 31) // 32):
+                    if rnd == q * 32 + lane:
+                        sl_[q] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
+                if bk[0] == gk and bi[0] == gi:
+                    hp[0] += 1
+                    bk[0] = T.if_then_else(hp[0] < n_sel, cand_k[T.min(lane, NW - 1), T.min(hp[0], n_sel - 1)], KEY_MIN)
+                    bi[0] = T.if_then_else(hp[0] < n_sel, cand_i[T.min(lane, NW - 1), T.min(hp[0], n_sel - 1)], BIG)
+            for q in T.unroll((n_sel + 31) // 32):
+                if q * 32 + lane < n_sel:
+                    sel_s[q * 32 + lane] = sl_[q]
     T.sync_threads()
 
 
@@ -339,8 +359,8 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             lse_s = T.alloc_shared([G], acc)
             P_s = T.alloc_shared([NB_MAX * (l_sel // d)], acc)  # Σ_g p_cmp per compressed key
             S_s = T.alloc_shared([NB_MAX], "int32")  # block score keys
-            wk_s = T.alloc_shared([2, threads // 32], "int32")  # each warp's best of a round
-            wi_s = T.alloc_shared([2, threads // 32], "int32")
+            cand_k = T.alloc_shared([threads // 32, n_sel], "int32")  # each warp's top n, best first
+            cand_i = T.alloc_shared([threads // 32, n_sel], "int32")
             sel_s = T.alloc_shared([n_sel], "int32")
             a = T.alloc_local([1], acc)
             b = T.alloc_local([1], acc)
@@ -351,6 +371,8 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             pk = T.alloc_local([1], "int32")
             rank = T.alloc_local([1], "int32")
             sv = T.alloc_local([3], "int32")  # held in registers: an expression would be reloaded at every use
+            hp = T.alloc_local([1], "int32")  # the merge's position in a lane's list
+            sl_ = T.alloc_local([(n_sel + 31) // 32], "int32")  # the merge's winners, round r in lane r % 32
             tx = T.get_thread_binding(0)
             i_n = i_nh // H
             i_h = i_nh % H
@@ -358,8 +380,9 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             sv[1] = (Len[i_n] - 1) // l_sel  # the new token's block; blocks 0 … cur exist
             sv[2] = T.min(sv[1] + 1, NB_MAX)
             T.pdl_sync()  # decode_compressed's logits and partials are complete from here on
-            choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n,
-                          i_h, sv[0], sv[1], sv[2], NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes(G, threads))
+            choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n, i_h,
+                          sv[0], sv[1], sv[2], NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes(G, threads),
+                          tourney=(cand_k, cand_i, hp, sl_))
             write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n_sel)
             T.pdl_trigger()
 
@@ -438,8 +461,6 @@ def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_
                 lse_s = T.alloc_shared([G], acc)
                 P_s = T.alloc_shared([NB_MAX * (l_sel // d)], acc)
                 S_s = T.alloc_shared([NB_MAX], "int32")
-                wk_s = T.alloc_shared([2, threads // 32], "int32")
-                wi_s = T.alloc_shared([2, threads // 32], "int32")
                 a = T.alloc_local([1], acc)
                 b = T.alloc_local([1], acc)
                 ev = T.alloc_local([LCH + 1], acc)
@@ -458,7 +479,7 @@ def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_
                     sv[0] = T.min(NumCmp[i_n], CC)
                     sv[1] = (Len[i_n] - 1) // l_sel
                     sv[2] = T.min(sv[1] + 1, NB_MAX)
-                    choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, wk_s, wi_s, sel_s, a, b, ev, pu, bk, bi, pk, tx,
+                    choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx,
                                   i_n, i_h, sv[0], sv[1], sv[2], NS1, CC, G, U, threads, l, d,
                                   l_sel, n_sel, lse_lanes(G, threads), (C_s, rk, cj, cv, OWN, NB_MAX))
                     if i_s == 0:
