@@ -182,11 +182,13 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi
     negatives flipped), forced blocks (0 and the two local ones) +inf; ties go to the lower id.
     Then, for few blocks (`rank` = the buffers of the ranking): every block's rank among all as a
     count of the blocks that beat it, one 64-bit compare each, the top n placed by rank. For many
-    (`tourney` = each warp's candidates in shared memory, a list pointer): each warp its own top n
-    in n rounds of two single-instruction warp reductions (max key, then min id among equal keys),
-    each thread caching the best of its own blocks j ≡ tx and only the owner of a round's winner
-    rescanning for its best after it; then, after one barrier, warp 0 merges the warps' sorted
-    lists (lane w holds the head of warp w's) in n more rounds: no barrier inside a round."""
+    (`tourney`: the warps' candidate lists in shared memory, the merge's registers, and whether a
+    thread holds one block): each warp its own top n, best first — with a block a thread, each
+    block's rank in its warp from 32 shuffles; else n rounds of two single-instruction warp
+    reductions (max key, then min id among equal keys), each thread caching the best of its own
+    blocks j ≡ tx and only the owner of a round's winner rescanning for its best after it; then,
+    after one barrier, warp 0 merges the warps' sorted lists (lane w holds the head of warp w's)
+    in n rounds of warp reductions: no barrier inside a round."""
     acc = "float32"
     R = l_sel // d  # compressed keys per selection block stride
     NKJ = (l_sel + l - d) // d  # compressed keys overlapping one selection block
@@ -282,26 +284,38 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi
             if o * threads + tx < NB and rk[o] < n_sel and S_s[o * threads + tx] > KEY_NEG_INF:
                 sel_s[rk[o]] = o * threads + tx
     else:
-        cand_k, cand_i, hp, sl_ = tourney
-        for rnd in T.serial(n_sel):  # each warp's top n, best first
-            wk = T.warp_reduce_max(bk[0])
-            wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
-            if lane == 0:
-                cand_k[warp, rnd] = wk
-                cand_i[warp, rnd] = wi
-            if wi < BIG and wi == bi[0]:  # (a warp with no blocks left reports BIG)
-                # the owner moves on to its best block ranked after the winner (S_s stays read-only:
-                # no thread reads another's blocks, so no barrier is needed here)
-                pk[0] = bk[0]
-                bk[0] = KEY_MIN
-                bi[0] = BIG
-                for jb2 in T.serial(T.ceildiv(NB, threads)):
-                    j2 = jb2 * threads + tx
-                    if j2 < NB:
-                        k3 = S_s[j2]
-                        if (k3 < pk[0] or (k3 == pk[0] and j2 > wi)) and k3 > bk[0]:
-                            bk[0] = k3
-                            bi[0] = j2
+        cand_k, cand_i, hp, sl_, c64, one_each = tourney
+        if one_each:
+            # a block per thread: its rank in the warp from 32 shuffles of the (key, -id) int64s
+            c64[0] = (T.cast(T.if_then_else(tx < NB, S_s[T.min(tx, NB - 1)], KEY_MIN), "int64") * (2 ** 32)
+                      + (2 ** 31 - 1 - tx))
+            pk[0] = 0
+            for i in T.unroll(32):
+                c64[1] = T.shfl_sync(c64[0], i)
+                pk[0] += T.if_then_else(c64[1] > c64[0], 1, 0)
+            if pk[0] < n_sel:
+                cand_k[warp, pk[0]] = T.if_then_else(tx < NB, S_s[T.min(tx, NB - 1)], KEY_MIN)
+                cand_i[warp, pk[0]] = T.if_then_else(tx < NB, tx, BIG)
+        else:
+            for rnd in T.serial(n_sel):  # each warp's top n, best first
+                wk = T.warp_reduce_max(bk[0])
+                wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
+                if lane == 0:
+                    cand_k[warp, rnd] = wk
+                    cand_i[warp, rnd] = wi
+                if wi < BIG and wi == bi[0]:  # (a warp with no blocks left reports BIG)
+                    # the owner moves on to its best block ranked after the winner (S_s stays
+                    # read-only: no thread reads another's blocks, so no barrier is needed here)
+                    pk[0] = bk[0]
+                    bk[0] = KEY_MIN
+                    bi[0] = BIG
+                    for jb2 in T.serial(T.ceildiv(NB, threads)):
+                        j2 = jb2 * threads + tx
+                        if j2 < NB:
+                            k3 = S_s[j2]
+                            if (k3 < pk[0] or (k3 == pk[0] and j2 > wi)) and k3 > bk[0]:
+                                bk[0] = k3
+                                bi[0] = j2
         T.sync_threads()
         if warp == 0:  # merge the NW sorted lists: lane w holds the head of warp w's
             # only shared-memory reads in here (a write would make TileLang put a barrier inside
@@ -373,6 +387,7 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             sv = T.alloc_local([3], "int32")  # held in registers: an expression would be reloaded at every use
             hp = T.alloc_local([1], "int32")  # the merge's position in a lane's list
             sl_ = T.alloc_local([(n_sel + 31) // 32], "int32")  # the merge's winners, round r in lane r % 32
+            c64 = T.alloc_local([2], "int64")  # a block's (key, -id) and the one shuffled in
             tx = T.get_thread_binding(0)
             i_n = i_nh // H
             i_h = i_nh % H
@@ -382,7 +397,7 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             T.pdl_sync()  # decode_compressed's logits and partials are complete from here on
             choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n, i_h,
                           sv[0], sv[1], sv[2], NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes(G, threads),
-                          tourney=(cand_k, cand_i, hp, sl_))
+                          tourney=(cand_k, cand_i, hp, sl_, c64, NB_MAX <= threads and n_sel <= 32))
             write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n_sel)
             T.pdl_trigger()
 

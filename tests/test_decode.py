@@ -83,6 +83,19 @@ def test_nsa_decode_narrow_combine(case, poison_outputs, monkeypatch):
     check_decode_case(case)
 
 
+@pytest.mark.gpu
+def test_nsa_decode_selection_rounds_path(poison_outputs, monkeypatch):
+    """The selection kernel with fewer threads than blocks (each warp's top n by argmax rounds, as
+    caches past 64k tokens take it) on the 20000-token case."""
+    import nsa_module.decode as D
+    monkeypatch.setattr(D, "SELECT_THREADS", 256)
+    D._kernels.cache_clear()
+    try:
+        check_decode_case(CASES[5])
+    finally:
+        D._kernels.cache_clear()
+
+
 def check_decode_case(case):
     from tests.test_nsa import check_selection
     G, H, K, V, l, d, ls, n, W, dtype, lengths = case
