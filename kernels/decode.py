@@ -171,6 +171,21 @@ KEY_POS_INF = 2139095040  # order key of +inf: a forced block
 BIG = 2 ** 30  # an id past every block
 
 
+def order_key(key, j):
+    """Block j's score key and id as one int64 ordered as the selection ranks blocks: higher key
+    first, then the lower id (unique, so one compare decides)."""
+    return T.cast(key, "int64") * (2 ** 32) + (2 ** 31 - 1 - j)
+
+
+@T.macro
+def read_counts(sv, NumCmp, Len, i_n, CC, l_sel, NB_MAX):
+    """sv = (compressed keys, the new token's block cur, blocks 0 … cur up to NB_MAX) of sequence
+    i_n, held in registers: an expression would be re-read from global memory at every use."""
+    sv[0] = T.min(NumCmp[i_n], CC)
+    sv[1] = (Len[i_n] - 1) // l_sel
+    sv[2] = T.min(sv[1] + 1, NB_MAX)
+
+
 @T.macro
 def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n, i_h,
                   n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes, rank=None, tourney=None):
@@ -200,8 +215,8 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi
     # its splits (LT loads in flight at a time), merged across the group by shuffles
     TPH, LT, LOG_TPH = lse_lanes
     HPP = threads // TPH  # heads per pass
-    for hp in T.unroll((G + HPP - 1) // HPP):
-        g = hp * HPP + tx // TPH
+    for ps in T.unroll((G + HPP - 1) // HPP):
+        g = ps * HPP + tx // TPH
         a[0] = -T.infinity(acc)
         b[0] = 0
         for sb in T.serial(T.ceildiv(NS1, TPH * LT)):
@@ -265,8 +280,8 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi
         C_s, rk, cj, cv, OWN, NB_MAX = rank
         for jb in T.serial(T.ceildiv(NB_MAX, threads)):  # the thread that wrote S_s[j]
             if jb * threads + tx < NB_MAX:
-                C_s[jb * threads + tx] = (T.cast(T.if_then_else(jb * threads + tx < NB, S_s[jb * threads + tx], KEY_MIN),
-                                                 "int64") * (2 ** 32) + (2 ** 31 - 1 - jb * threads - tx))
+                C_s[jb * threads + tx] = order_key(
+                    T.if_then_else(jb * threads + tx < NB, S_s[jb * threads + tx], KEY_MIN), jb * threads + tx)
         for t in T.serial(T.ceildiv(n_sel, threads)):
             if t * threads + tx < n_sel:
                 sel_s[t * threads + tx] = -1
@@ -287,8 +302,7 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi
         cand_k, cand_i, hp, sl_, c64, one_each = tourney
         if one_each:
             # a block per thread: its rank in the warp from 32 shuffles of the (key, -id) int64s
-            c64[0] = (T.cast(T.if_then_else(tx < NB, S_s[T.min(tx, NB - 1)], KEY_MIN), "int64") * (2 ** 32)
-                      + (2 ** 31 - 1 - tx))
+            c64[0] = order_key(T.if_then_else(tx < NB, S_s[T.min(tx, NB - 1)], KEY_MIN), tx)
             pk[0] = 0
             for i in T.unroll(32):
                 c64[1] = T.shfl_sync(c64[0], i)
@@ -384,16 +398,14 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             bi = T.alloc_local([1], "int32")
             pk = T.alloc_local([1], "int32")
             rank = T.alloc_local([1], "int32")
-            sv = T.alloc_local([3], "int32")  # held in registers: an expression would be reloaded at every use
+            sv = T.alloc_local([3], "int32")  # read_counts
             hp = T.alloc_local([1], "int32")  # the merge's position in a lane's list
             sl_ = T.alloc_local([(n_sel + 31) // 32], "int32")  # the merge's winners, round r in lane r % 32
             c64 = T.alloc_local([2], "int64")  # a block's (key, -id) and the one shuffled in
             tx = T.get_thread_binding(0)
             i_n = i_nh // H
             i_h = i_nh % H
-            sv[0] = T.min(NumCmp[i_n], CC)
-            sv[1] = (Len[i_n] - 1) // l_sel  # the new token's block; blocks 0 … cur exist
-            sv[2] = T.min(sv[1] + 1, NB_MAX)
+            read_counts(sv, NumCmp, Len, i_n, CC, l_sel, NB_MAX)
             T.pdl_sync()  # decode_compressed's logits and partials are complete from here on
             choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n, i_h,
                           sv[0], sv[1], sv[2], NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes(G, threads),
@@ -484,16 +496,14 @@ def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_
                 bi = T.alloc_local([1], "int32")
                 pk = T.alloc_local([1], "int32")
                 rank = T.alloc_local([1], "int32")
-                sv = T.alloc_local([3], "int32")  # in registers (an expression is reloaded at every use)
+                sv = T.alloc_local([3], "int32")  # read_counts
                 OWN = (NB_MAX + threads - 1) // threads  # blocks a thread ranks
                 C_s = T.alloc_shared([NB_MAX], "int64")  # (key, -id) of each block
                 rk = T.alloc_local([OWN], "int32")
                 cj = T.alloc_local([OWN], "int64")
                 cv = T.alloc_local([4], "int64")
                 if i_br == 0:
-                    sv[0] = T.min(NumCmp[i_n], CC)
-                    sv[1] = (Len[i_n] - 1) // l_sel
-                    sv[2] = T.min(sv[1] + 1, NB_MAX)
+                    read_counts(sv, NumCmp, Len, i_n, CC, l_sel, NB_MAX)
                     choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx,
                                   i_n, i_h, sv[0], sv[1], sv[2], NS1, CC, G, U, threads, l, d,
                                   l_sel, n_sel, lse_lanes(G, threads), (C_s, rk, cj, cv, OWN, NB_MAX))

@@ -151,7 +151,8 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
     o = empty(N, HQ, V, dtype=q.dtype, device=dev)
 
     g = [x.to(q.dtype).contiguous() for x in gates]
-    k_comb = k_o[_combine_threads(V)[N * HQ <= COMBINE_WIDE_MAX_PROGRAMS]]
+    narrow, wide = _combine_threads(V)
+    k_comb = k_o[wide if N * HQ <= COMBINE_WIDE_MAX_PROGRAMS else narrow]
     launches = [("compressed", lambda: k_c(q, k_cmp, v_cmp, num_cmp, s1, logits, o_part, lse_part))]
     if k_s is not None:
         launches.append(("select", lambda: k_s(logits, lse_part, s1, num_cmp, lengths, block_indices)))
