@@ -11,6 +11,7 @@ are relative to each sequence's start, and nothing attends across sequences.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Callable, Optional, Union
 
@@ -37,8 +38,31 @@ _CHUNK_ELEMS = 1 << 24
 Phi = Union[str, Callable[[torch.Tensor], torch.Tensor], tuple]
 
 
+_LOW_PRECISION = False
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """float32 (float64 for float64 inputs); the inputs' own fp16/bf16 inside `low_precision()`."""
+    if dtype == torch.float64:
+        return torch.float64
+    if _LOW_PRECISION and dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    return torch.float32
+
+
+@contextmanager
+def low_precision():
+    """Within this block the reference computes in its inputs' fp16/bf16 instead of float32.
+
+    Not the semantics (those are float32): a yardstick. The error of this run against the float32
+    run is what rounding in the low precision costs; tests allow a kernel a small multiple of it,
+    row by row (FlashAttention's rule)."""
+    global _LOW_PRECISION
+    before, _LOW_PRECISION = _LOW_PRECISION, True
+    try:
+        yield
+    finally:
+        _LOW_PRECISION = before
 
 
 def masked_attention(s: torch.Tensor, valid: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -87,12 +111,15 @@ def selected_branch(
     head = torch.arange(H, device=q.device).view(1, H, 1)
     chunk = _chunk(S * block_size, H, k.shape[-1] + v.shape[-1])
     out = []
+    last_block = (Tk - 1) // block_size
     for c0 in range(0, Tq, chunk):
         c1 = min(Tq, c0 + chunk)
         idx = block_indices[c0:c1].long()
-        pos = idx[..., None] * block_size + offs  # [C, H, S, BS] token positions
+        # ids past the last block are dropped before id·BS is formed, which could wrap int64
+        real = (idx >= 0) & (idx <= last_block)
+        pos = torch.where(real, idx, 0)[..., None] * block_size + offs  # [C, H, S, BS] token positions
         t = positions[c0:c1].view(-1, 1, 1, 1)
-        valid = (idx[..., None] >= 0) & (slot < counts[c0:c1, :, None, None]) & (pos <= t) & (pos < Tk)
+        valid = real[..., None] & (slot < counts[c0:c1, :, None, None]) & (pos <= t) & (pos < Tk)
         pos = pos.clamp(0, Tk - 1).flatten(2)  # [C, H, N]
         ks, vs = k[pos, head], v[pos, head]  # [C, H, N, K], [C, H, N, V]
         qg = rearrange(q[c0:c1], "c (h g) k -> c h g k", g=G)
