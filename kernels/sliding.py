@@ -13,7 +13,7 @@ t - W inside int32).
 
 Rows of a program are (token, head) pairs: BM consecutive tokens × the G query heads of one kv head,
 padded to a multiple of 16 (M rows); every K/V tile it loads serves all of them. It visits exactly
-the key tiles between the first row's lowest visible key and the last row's highest; a row's mask
+the key tiles between the lowest and the highest key any of its rows sees (key_range); a row's mask
 keeps its own sequence's visible keys, so a tile may straddle sequences. Backward: dQ per query
 tile like the forward; dK/dV per key tile of BN keys walking the query tiles that can see it. Each
 program owns the rows it writes: no atomics.
@@ -83,12 +83,19 @@ def band_mask(acc_s, kt, tpos_s, kbos_s, M: int, BN: int, W: int, KS: int, KC: i
 @T.macro
 def key_range(QOffsets, QSeq, KOffsets, t0, Tq, lo, n_tiles, BM: int, BN: int, W: int, KS: int, KC: int):
     """lo[0]: the first key any row of the tile [t0, t0+BM) sees; n_tiles[0]: BN-key tiles from it to
-    the last row's last visible key (0 if none)."""
+    the highest key any row sees (0 if none).
+
+    Rows of one sequence see more keys the later they are, and a later sequence's keys lie after an
+    earlier one's, so the first row bounds the range below and the last row above, with one catch
+    when the tile holds the end of one sequence and the start of the next: if the last row sees no
+    key yet (compressed branch, t < l - 1), the highest key seen is still the previous sequence's
+    last, just before the last row's stream starts. Clamping the last row's own bound at one below
+    its stream keeps those keys in range (a single-sequence tile then gets hi < lo: no tiles)."""
     t_first = t0 - QOffsets[QSeq[t0]]
     t_last_row = T.min(t0 + BM - 1, Tq - 1)
     t_last = t_last_row - QOffsets[QSeq[t_last_row]]
     lo[0] = KOffsets[QSeq[t0]] + T.max(0, T.floordiv(t_first - W - KC, KS) + 1)
-    hi = KOffsets[QSeq[t_last_row]] + T.floordiv(t_last - KC, KS)
+    hi = KOffsets[QSeq[t_last_row]] + T.max(T.floordiv(t_last - KC, KS), -1)
     n_tiles[0] = T.ceildiv(T.max(hi - lo[0] + 1, 0), BN)
 
 

@@ -1,8 +1,11 @@
 """Compressed attention on the banded kernels (strided keys) against reference.compressed_attention.
 
 gpu: forward and gradients (q, k_cmp, v_cmp, g_cmp) for the paper's (l, d) = (32, 16), fla's
-l = d = 64 and (16, 8); G ∈ {1, 4, 16}; varlen with sequences shorter than one block; T off every
-grid; both dtypes; outputs poisoned first. compile: the strided family builds for sm_90a. CPU: checks.
+l = d = 64 and (16, 8); G ∈ {1, 3, 4, 8, 16, 32} (query tiles of 64 … 2 tokens); varlen with many
+short sequences whose ends fall inside query and key tiles (lengths around l, d and the tile,
+1-token sequences, sequences with no compressed token next to ones with one); T off every grid;
+both dtypes; outputs poisoned first; compared per sequence and per row (tests/utils.py).
+compile: the strided family builds for sm_90a. CPU: checks.
 """
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,21 +16,32 @@ import reference as R
 from kernels import sliding as K_swa
 from nsa_module import compress_mean, compressed_attention
 from reference.inputs import random_gates, random_qkv
-from tests.test_selected import rel_err
-from tests.test_sliding import assert_close_rel, run_both
+from tests.utils import assert_close, compressed_segments, hostile_lengths, packed, rel_err, run_both, segments
 
 # G, H, K, V, l, d, dtype, varlen, T
 GRID = [
     (16, 2, 192, 128, 32, 16, torch.bfloat16, True, 1000),  # the paper's config
     (16, 2, 128, 128, 64, 64, torch.bfloat16, False, 777),  # fla's l = d = l'
+    (16, 2, 128, 128, 64, 64, torch.bfloat16, True, 777),
     (1, 4, 64, 64, 16, 8, torch.float16, True, 517),
     (4, 2, 128, 128, 32, 16, torch.float16, False, 333),
+    (4, 2, 128, 128, 32, 16, torch.float16, True, 433),
+    (8, 2, 64, 64, 32, 16, torch.bfloat16, True, 400),
+    (3, 2, 64, 64, 32, 16, torch.float16, True, 400),  # tiles of 21 tokens
+    (32, 1, 64, 64, 16, 8, torch.bfloat16, True, 300),
 ]
 
 
 def grid_id(c):
     G, H, K, V, l, d, dtype, varlen, T = c
     return f"G{G}-H{H}-K{K}V{V}-l{l}d{d}-{str(dtype)[6:]}-{'varlen' if varlen else 'B2'}-T{T}"
+
+
+def hostile_cu(T, l, d, G, device="cuda"):
+    """Short sequences around l, d and the query tile (64 // G tokens), then one of the rest."""
+    lens = hostile_lengths(l, d, max(1, 64 // G))
+    assert sum(lens) < T
+    return packed(lens + [T - sum(lens)], device)
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +51,35 @@ def compiled_grid():
         list(pool.map(lambda f: K_swa.banded_kernels(*f), fams))
 
 
+def check_compressed(G, H, K, V, l, d, dtype, B, T, cu, seed=3):
+    q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device="cuda", seed=seed)
+    g = random_gates(B, T, G * H, dtype=dtype, device="cuda", seed=seed + 1)
+    k_cmp, v_cmp = R.compress_kv(k, v, l, d, cu_seqlens=cu)
+    ours, ref, lp = run_both(lambda q, kc, vc, g: compressed_attention(q, kc, vc, l, d, None, cu, g),
+                             lambda q, kc, vc, g: R.compressed_attention(q, kc, vc, l, d, None, cu)[0] * g[..., None],
+                             [q, k_cmp, v_cmp, g])
+    cmp_segs = compressed_segments(cu, B, T, l, d)
+    assert_close(ours, ref, lp, ["o", "dq", "dk_cmp", "dv_cmp", "dg"], dtype, segments(B, T, cu),
+                 {"dk_cmp": cmp_segs, "dv_cmp": cmp_segs})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GRID, ids=[grid_id(c) for c in GRID])
 def test_compressed_matches_reference(case, compiled_grid, poison_outputs):
     G, H, K, V, l, d, dtype, varlen, T = case
     B = 1 if varlen else 2
-    # varlen: one sequence shorter than l sees no compressed key at all
-    cu = torch.tensor([0, l // 2, 300, T], device="cuda") if varlen else None
-    q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device="cuda", seed=3)
-    g = random_gates(B, T, G * H, dtype=dtype, device="cuda", seed=4)
-    k_cmp, v_cmp = R.compress_kv(k, v, l, d, cu_seqlens=cu)
-    ours, ref = run_both(lambda q, kc, vc, g: compressed_attention(q, kc, vc, l, d, None, cu, g),
-                         lambda q, kc, vc, g: R.compressed_attention(q, kc, vc, l, d, None, cu)[0] * g[..., None],
-                         [q, k_cmp, v_cmp, g])
-    assert_close_rel(ours, ref, ["o", "dq", "dk_cmp", "dv_cmp", "dg"], dtype)
+    check_compressed(G, H, K, V, l, d, dtype, B, T, hostile_cu(T, l, d, G) if varlen else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[33, 33], [36, 32], [200, 36, 32, 300], [1, 31, 32, 33, 1, 47, 48, 49]],
+                         ids=lambda x: "-".join(map(str, x)))
+def test_compressed_query_tile_straddling_two_sequences(lengths, poison_outputs):
+    """A query tile (8 tokens at G = 8) holding the end of one sequence, whose last rows see a
+    compressed key, and the start of the next, whose rows see none yet: the tile's key range once
+    stopped before the first sequence's last key, so those rows came out wrong (issue 13)."""
+    T = sum(lengths)
+    check_compressed(8, 2, 64, 64, 32, 16, torch.bfloat16, 1, T, packed(lengths))
 
 
 @pytest.mark.gpu
