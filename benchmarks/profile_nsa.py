@@ -38,7 +38,7 @@ def main():
         v = torch.randn(1, T, a.H, a.K, device=dev, dtype=dt, generator=g)
         gate = torch.ones(1, T, a.G * a.H, device=dev, dtype=dt)
         scale = a.K ** -0.5
-        qseq = SeqInfo.build(None, 1, T, dev)
+        qseq = SeqInfo.build(None, 1, T, q)
         kseq = compressed_layout((T,), a.l, a.d, dev)
         kc, vc = compress_mean(k, v, a.l, a.d)
         _, _, lse = banded_fwd(q, kc, vc, gate, W_CAP, a.d, a.l - 1, scale, qseq, kseq)

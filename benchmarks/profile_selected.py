@@ -34,7 +34,7 @@ def main():
         k = torch.randn(1, T, H, K, device=dev, dtype=dt)
         v = torch.randn(1, T, H, K, device=dev, dtype=dt)
         idx, cnt = prepare_block_indices(random_block_indices(1, T, H, S, BS, device=dev, seed=T), None, 1, T, H, q)
-        seq = SeqInfo.build(None, 1, T, dev)
+        seq = SeqInfo.build(None, 1, T, q)
         scale = K ** -0.5
         fwd, dq_k, dkv_k = K_sel.selected_kernels(H, a.G, K, K, S, BS, "bfloat16", scale)
         gate = torch.rand(1, T, HQ, device=dev, dtype=dt)

@@ -66,18 +66,22 @@ class SeqInfo:
     starts: list[int]
 
     @staticmethod
-    def build(cu_seqlens: Optional[torch.Tensor], B: int, T: int, device) -> "SeqInfo":
-        offs = check_cu_seqlens(cu_seqlens, B, T, None)  # reads cu_seqlens on the host (validation)
+    def build(cu_seqlens: Optional[torch.Tensor], B: int, T: int, like: torch.Tensor) -> "SeqInfo":
+        """The layout of q-like tensors `[B, T, ...]` on like's device; cu_seqlens, if given, must be
+        on that device too (as the reference requires)."""
+        offs = check_cu_seqlens(cu_seqlens, B, T, like)  # reads cu_seqlens on the host (validation)
+        device = like.device
         if offs is None:
-            return _fixed_length_info(T, str(torch.device(device)))
+            return _fixed_length_info(T, str(device))
         if offs[-1] > INT32_MAX:
             raise ValueError(f"the kernels index tokens with int32: T={offs[-1]} is too long")
-        # built from the device copy: a host-to-device copy would wait for the queued kernels
-        cu = cu_seqlens.to(device=device)
+        # built from the device copy (a host-to-device copy would wait for the queued kernels), as
+        # a dense int32 tensor whatever integer dtype or strides the caller's has
+        cu = kernel_ready(cu_seqlens.to(torch.int32))
         lengths = [e - s for s, e in zip(offs, offs[1:])]
         tok_seq = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32, device=device),
-                                          torch.diff(cu), output_size=T)
-        return SeqInfo(cu.to(torch.int32), tok_seq, lengths, offs[:-1])
+                                          torch.diff(cu.long()), output_size=T)
+        return SeqInfo(cu, tok_seq, lengths, offs[:-1])
 
     def positions(self) -> torch.Tensor:
         """`[T]` each token's position within its sequence (int64)."""
@@ -95,20 +99,41 @@ def _fixed_length_info(T: int, device: str) -> SeqInfo:
 
 def prepare_block_indices(block_indices, block_counts, B, T, H, like) -> tuple[torch.Tensor, torch.Tensor]:
     """block_indices as int32 `[B, T, H, S]` (ids beyond int32 clamped so a cast never wraps a huge id
-    onto a real block) and block_counts as int32 `[B, T, H]` clamped to [0, S]."""
+    onto a real block) and block_counts as int32 `[B, T, H]` clamped to [0, S]. Any integer dtype:
+    the clamps run in int64, where every bound is representable (int8's is not INT32_MAX)."""
     S = check_block_indices(block_indices, B, T, H, like)
     check_block_counts(block_counts, B, T, H, S, like)
     idx = block_indices
     if idx.dtype != torch.int32:
-        idx = idx.clamp(-1, INT32_MAX).to(torch.int32)
-    idx = idx.contiguous()
+        idx = idx.long().clamp(-1, INT32_MAX).to(torch.int32)
+    idx = kernel_ready(idx)
     if block_counts is None:
         cnt = torch.full((B, T, H), S, dtype=torch.int32, device=like.device)
     elif isinstance(block_counts, int):
         cnt = torch.full((B, T, H), block_counts, dtype=torch.int32, device=like.device)
     else:
-        cnt = block_counts.clamp(0, S).to(torch.int32).contiguous()
+        cnt = kernel_ready(block_counts.long().clamp(0, S).to(torch.int32))
     return idx, cnt
+
+
+# TileLang's kernels load 16 bytes at a time and assume every tensor starts on such a boundary; a
+# view at an odd storage offset would fault with "misaligned address" and kill the CUDA context.
+KERNEL_ALIGN = 16
+
+
+def kernel_ready(x: torch.Tensor) -> torch.Tensor:
+    """x as a kernel argument: dense (contiguous) and starting at a 16-byte boundary. A copy only
+    when x is neither already (a strided or offset view); the caching allocator's own blocks are
+    always aligned."""
+    x = x.contiguous()
+    return x if x.data_ptr() % KERNEL_ALIGN == 0 else x.clone()
+
+
+def kernel_gate(g: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+    """A branch's gate `[B, T, HQ]` in q's dtype as a kernel argument; None means 1."""
+    if g is None:
+        return torch.ones(q.shape[:3], dtype=q.dtype, device=q.device)
+    return kernel_ready(g.to(q.dtype))
 
 
 def resolve_scale(scale, K: int) -> float:

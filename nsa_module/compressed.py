@@ -15,7 +15,7 @@ from kernels.sliding import W_CAP
 from reference import compress_kv, num_compressed
 from reference.checks import check_gate, check_positive_int, check_tensor
 
-from .common import SeqInfo, check_cuda, check_kernel_dims, resolve_scale
+from .common import SeqInfo, check_cuda, check_kernel_dims, kernel_gate, kernel_ready, resolve_scale
 from .sliding import banded_bwd, banded_fwd
 
 
@@ -48,7 +48,7 @@ class CompressedAttentionFunction(torch.autograd.Function):
     def backward(ctx, dog, _dlse):
         q, k_cmp, v_cmp, gate, o, lse = ctx.saved_tensors
         l, d, scale, qseq, kseq = ctx.args
-        dq, dk, dv, dgate = banded_bwd(q, k_cmp, v_cmp, gate, o, lse, dog.contiguous(), W_CAP, d, l - 1,
+        dq, dk, dv, dgate = banded_bwd(q, k_cmp, v_cmp, gate, o, lse, kernel_ready(dog), W_CAP, d, l - 1,
                                        scale, qseq, kseq)
         return dq, dk, dv, dgate.to(gate.dtype), None, None, None, None, None
 
@@ -100,16 +100,14 @@ def compressed_attention(
         raise ValueError(f"compress_stride d={d} must divide compress_block l={l}")
     check_gate(g_cmp, "g_cmp", B, T, HQ, q)
     scale = resolve_scale(scale, Kd)
-    qseq = SeqInfo.build(cu_seqlens, B, T, q.device)
+    qseq = SeqInfo.build(cu_seqlens, B, T, q)
     kseq = compressed_layout(tuple(qseq.lengths), l, d, str(q.device))
     n_keys = sum(kseq.lengths)  # lengths of the compressed streams, known on the host
     if k_cmp.shape[1] != n_keys:
         raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed tokens, but (l={l}, d={d}) over these "
                          f"sequences give {n_keys}")
     check_cuda(q, op)
-    gate = (torch.ones(B, T, HQ, dtype=q.dtype, device=q.device) if g_cmp is None
-            else g_cmp.to(q.dtype).contiguous())
-    og, _ = CompressedAttentionFunction.apply(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), gate,
+    og, _ = CompressedAttentionFunction.apply(*map(kernel_ready, (q, k_cmp, v_cmp)), kernel_gate(g_cmp, q),
                                               l, d, scale, qseq, kseq)
     return og
 

@@ -20,7 +20,7 @@ import torch
 from kernels import decode as K_dec
 from kernels.common import tl_dtype
 
-from .common import check_kernel_dims, empty, sm_count, split_arg
+from .common import check_kernel_dims, empty, kernel_ready, sm_count, split_arg
 
 CMP_TILE = 32  # compressed keys per tile of the compressed-branch kernel (32: 11 programs per SM, 64: 6)
 CMP_ASYNC = False  # its tiles as cp.async copies: slower on the H100 (docs/perf-notes.md)
@@ -80,7 +80,7 @@ def _ints(name, t, N, device):
     _check(name, t, [N], device=device)
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"nsa_decode: {name} must be an integer tensor, got {t.dtype}")
-    return t.to(torch.int32).contiguous()
+    return kernel_ready(t.to(torch.int32))
 
 
 def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_swa, swa_count, gates,
@@ -138,10 +138,11 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
     ns3 = _splits(max(n * (l_sel // bt), win_tiles), N * H * (2 if window else 1), dev)
     nst = ns1 + ns3 * (2 if window else 1)
     s1, s3 = split_arg(ns1, dev), split_arg(ns3, dev)
-    # the kernels index dense caches: a strided view is copied (a no-op for the layer's buffers)
-    q, k_cmp, v_cmp, k_slc, v_slc = (x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc))
+    # the kernels index dense, 16-byte aligned caches: a strided or offset view is copied (a no-op
+    # for the layer's buffers)
+    q, k_cmp, v_cmp, k_slc, v_slc = map(kernel_ready, (q, k_cmp, v_cmp, k_slc, v_slc))
     if window:
-        k_swa, v_swa = k_swa.contiguous(), v_swa.contiguous()
+        k_swa, v_swa = kernel_ready(k_swa), kernel_ready(v_swa)
     logits = torch.empty(N, HQ, CC, dtype=torch.float32, device=dev)
     o_part = empty(N, HQ, nst, V, dtype=torch.float32, device=dev)
     lse_part = empty(N, HQ, nst, dtype=torch.float32, device=dev)
@@ -150,7 +151,7 @@ def decode_launches(q, k_cmp, v_cmp, num_cmp, k_slc, v_slc, lengths, k_swa, v_sw
     block_indices = empty(N, H, n, dtype=torch.int32, device=dev)
     o = empty(N, HQ, V, dtype=q.dtype, device=dev)
 
-    g = [x.to(q.dtype).contiguous() for x in gates]
+    g = [kernel_ready(x.to(q.dtype)) for x in gates]
     narrow, wide = _combine_threads(V)
     k_comb = k_o[wide if N * HQ <= COMBINE_WIDE_MAX_PROGRAMS else narrow]
     launches = [("compressed", lambda: k_c(q, k_cmp, v_cmp, num_cmp, s1, logits, o_part, lse_part))]

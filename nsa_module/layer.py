@@ -86,7 +86,7 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"compression must be 'mlp' or 'mean', got {compression!r}")
         if gate not in ("sigmoid", "softmax"):
             raise ValueError(f"gate must be 'sigmoid' or 'softmax', got {gate!r}")
-        self.HQ, self.H, self.K = num_heads, num_kv_heads, head_dim
+        self.hidden_size, self.HQ, self.H, self.K = hidden_size, num_heads, num_kv_heads, head_dim
         self.V = head_dim if v_head_dim is None else check_positive_int(v_head_dim, "v_head_dim")
         self.l, self.d, self.l_sel, self.n, self.W = compress_block, compress_stride, block_size, block_counts, window_size
         self.theta, self.shared_kv, self.gate_act = rope_theta, shared_kv, gate
@@ -145,8 +145,12 @@ class NativeSparseAttention(nn.Module):
         cache: the same, and the returned cache holds the prompt (one cache row per sequence). With
         a cache: one new token per cached sequence, x `[N, 1, hidden]`.
         """
-        if x.dim() != 3:
-            raise ValueError(f"x must be [B, T, hidden], got {list(x.shape)}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"x must be [B, T, hidden] with hidden = {self.hidden_size}, got "
+                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x's last dim must be the layer's hidden_size = {self.hidden_size}, got "
+                             f"{x.shape[-1]} (x {list(x.shape)})")
         if cache is not None:
             if cu_seqlens is not None or x.shape[1] != 1 or x.shape[0] != len(cache.lengths):
                 raise ValueError(f"decoding takes x [N={len(cache.lengths)}, 1, hidden] (one new token per cached "

@@ -6,9 +6,10 @@ from typing import Optional, Union
 
 import torch
 
-from reference.checks import check_compression, check_gate, check_positive_int
+from reference.checks import check_block_counts, check_block_indices, check_compression, check_gate, check_positive_int
 
-from .common import SeqInfo, check_cuda, check_kernel_block_size, check_kernel_inputs, resolve_scale
+from .common import (SeqInfo, check_cuda, check_kernel_block_size, check_kernel_inputs, kernel_gate, kernel_ready,
+                     resolve_scale)
 from .compressed import CompressedAttentionFunction, compress_mean, compressed_layout
 from .selected import selected_attention
 from .sliding import sliding_window_attention
@@ -23,7 +24,7 @@ def nsa(
     g_slc: Optional[torch.Tensor] = None,
     g_swa: Optional[torch.Tensor] = None,
     block_indices: Optional[torch.Tensor] = None,
-    block_counts: Union[int, torch.Tensor] = 16,
+    block_counts: Union[None, int, torch.Tensor] = None,
     block_size: int = 64,
     window_size: int = 0,
     scale: Optional[float] = None,
@@ -40,8 +41,8 @@ def nsa(
             compressed branch when g_cmp is None).
         block_indices: `[B, T, H, S]` to skip the selection; else the top `block_counts` blocks of
             size `block_size` (l') are chosen from the compressed attention (not differentiable).
-        block_counts: n, an int >= 3 when selecting; with given block_indices, anything
-            `selected_attention` takes.
+        block_counts: n, an int >= 3 when selecting (None: 16); with given block_indices, anything
+            `selected_attention` takes (None: all S slots).
         block_size: l', the selection block (16 … 256); window_size: W, 0 for no sliding branch.
         compress_block, compress_stride: l and d of the mean-pooled compression (d | l, d | l').
         cu_seqlens: `[N+1]` packed sequences (B = 1).
@@ -51,18 +52,24 @@ def nsa(
         o `[B, T, HQ, V]` (and block_indices `[B, T, H, n]` int32 when asked).
     """
     op = "nsa"
+    # every argument is checked here, before the first launch (and on the CPU too)
     B, T, HQ, H, Kd, V = check_kernel_inputs(q, k, v, op)
     check_kernel_block_size(block_size, op)
     check_compression(compress_block, compress_stride, block_size)
-    check_gate(g_cmp, "g_cmp", B, T, HQ, q)
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        check_gate(g, name, B, T, HQ, q)
     check_positive_int(window_size, "window_size", minimum=0)
     if block_indices is None:
+        block_counts = 16 if block_counts is None else block_counts
         if isinstance(block_counts, bool) or not isinstance(block_counts, int):
             raise TypeError(f"block_counts must be an int (blocks per token) when selecting, got {type(block_counts).__name__}")
         check_positive_int(block_counts, "block_counts", minimum=3)
+    else:
+        S = check_block_indices(block_indices, B, T, H, q)
+        check_block_counts(block_counts, B, T, H, S, q)
     scale = resolve_scale(scale, Kd)
     l, d = compress_block, compress_stride
-    qseq = SeqInfo.build(cu_seqlens, B, T, q.device)
+    qseq = SeqInfo.build(cu_seqlens, B, T, q)
     kseq = compressed_layout(tuple(qseq.lengths), l, d, str(q.device))
     check_cuda(q, op)
 
@@ -79,11 +86,9 @@ def nsa_branches(q, kv_cmp, kv_slc, kv_swa, g_cmp, g_slc, g_swa, block_indices, 
     apart; `nsa()` passes one pair): compressed attention over kv_cmp (already compressed), the
     top-n blocks chosen from it unless block_indices is given, selected over kv_slc, sliding over
     kv_swa. Inputs validated by the caller. Returns (o, block_indices)."""
-    B, T, HQ = q.shape[:3]
-    q = q.contiguous()
-    k_cmp, v_cmp = (x.contiguous() for x in kv_cmp)
-    gate = torch.ones(B, T, HQ, dtype=q.dtype, device=q.device) if g_cmp is None else g_cmp.to(q.dtype).contiguous()
-    o_cmp, lse_cmp = CompressedAttentionFunction.apply(q, k_cmp, v_cmp, gate, l, d, scale, qseq, kseq)
+    q = kernel_ready(q)
+    k_cmp, v_cmp = (kernel_ready(x) for x in kv_cmp)
+    o_cmp, lse_cmp = CompressedAttentionFunction.apply(q, k_cmp, v_cmp, kernel_gate(g_cmp, q), l, d, scale, qseq, kseq)
     counts = block_counts
     if block_indices is None:
         with torch.no_grad():

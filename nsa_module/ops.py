@@ -21,7 +21,7 @@ from torch import Tensor
 import reference as R
 from kernels.sliding import W_CAP
 
-from .common import SeqInfo, prepare_block_indices
+from .common import SeqInfo, kernel_ready, prepare_block_indices
 from .compressed import compressed_layout
 from .decode import nsa_decode
 from .selected import selected_bwd, selected_fwd
@@ -31,12 +31,12 @@ from .topk import select_blocks
 
 def _layouts(q: Tensor, cu_seqlens: Optional[Tensor], l: int, d: int):
     B, T = q.shape[:2]
-    qseq = SeqInfo.build(cu_seqlens, B, T, q.device)
+    qseq = SeqInfo.build(cu_seqlens, B, T, q)
     return qseq, compressed_layout(tuple(qseq.lengths), l, d, str(q.device))
 
 
 def _c(x: Optional[Tensor]) -> Optional[Tensor]:
-    return None if x is None else x.contiguous()
+    return None if x is None else kernel_ready(x)
 
 
 @torch.library.custom_op("nsa_tilelang::attend", mutates_args=(), device_types="cuda")
@@ -50,7 +50,7 @@ def attend(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor
     `[B, T, HQ]`. W = 0: no sliding branch (k/v_swa, g_swa None; its outputs empty)."""
     qseq, kseq = _layouts(q, cu_seqlens, l, d)
     q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa = map(_c, (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa))
-    g_cmp, g_slc, g_swa = (None if g is None else g.to(q.dtype).contiguous() for g in (g_cmp, g_slc, g_swa))
+    g_cmp, g_slc, g_swa = (None if g is None else kernel_ready(g.to(q.dtype)) for g in (g_cmp, g_slc, g_swa))
     o_cmp, og, lse_cmp = banded_fwd(q, k_cmp, v_cmp, g_cmp, W_CAP, d, l - 1, scale, qseq, kseq)
     idx = select_blocks(q, k_cmp, lse_cmp, n, l, d, l_sel, scale, qseq, kseq)
     B, T, HQ = q.shape[:3]
@@ -116,7 +116,7 @@ def attend_backward(do: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: 
     ones empty when W = 0); each branch's backward gets do, as o is their sum."""
     qseq, kseq = _layouts(q, cu_seqlens, l, d)
     do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa = map(_c, (do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa))
-    gates = [None if g is None else g.to(q.dtype).contiguous() for g in (g_cmp, g_slc, g_swa)]
+    gates = [None if g is None else kernel_ready(g.to(q.dtype)) for g in (g_cmp, g_slc, g_swa)]
     B, T = q.shape[:2]
     idx, cnt = prepare_block_indices(block_indices, None, B, T, k_slc.shape[2], q)
     dq_c, dk_c, dv_c, dg_c = banded_bwd(q, k_cmp, v_cmp, gates[0], o_cmp, lse_cmp, do, W_CAP, d, l - 1,

@@ -23,10 +23,12 @@ from .common import (
     check_kernel_block_size,
     check_kernel_inputs,
     empty,
+    kernel_gate,
+    kernel_ready,
     prepare_block_indices,
     resolve_scale,
 )
-from reference.checks import check_gate
+from reference.checks import check_block_counts, check_block_indices, check_gate
 
 
 def selected_fwd(q, k, v, gate, idx, cnt, block_size: int, scale: float, seq: SeqInfo):
@@ -125,7 +127,7 @@ class SelectedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dog):
         q, k, v, gate, o, lse, idx, cnt = ctx.saved_tensors
-        dq, dk, dv, dgate = selected_bwd(q, k, v, gate, o, lse, dog.contiguous(), idx, cnt,
+        dq, dk, dv, dgate = selected_bwd(q, k, v, gate, o, lse, kernel_ready(dog), idx, cnt,
                                          ctx.block_size, ctx.scale, ctx.seq)
         return dq, dk, dv, dgate.to(gate.dtype), None, None, None, None, None
 
@@ -168,10 +170,10 @@ def selected_attention(
     check_kernel_block_size(block_size, op)
     check_gate(g_slc, "g_slc", B, T, HQ, q)
     scale = resolve_scale(scale, Kd)
-    idx, cnt = prepare_block_indices(block_indices, block_counts, B, T, H, q)
-    seq = SeqInfo.build(cu_seqlens, B, T, q.device)
+    check_block_indices(block_indices, B, T, H, q)
+    check_block_counts(block_counts, B, T, H, block_indices.shape[-1], q)
+    seq = SeqInfo.build(cu_seqlens, B, T, q)
     check_cuda(q, op)
-    gate = (torch.ones(B, T, HQ, dtype=q.dtype, device=q.device) if g_slc is None
-            else g_slc.to(q.dtype).contiguous())
-    return SelectedAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), gate, idx, cnt,
+    idx, cnt = prepare_block_indices(block_indices, block_counts, B, T, H, q)
+    return SelectedAttentionFunction.apply(*map(kernel_ready, (q, k, v)), kernel_gate(g_slc, q), idx, cnt,
                                            block_size, scale, seq)

@@ -14,7 +14,8 @@ from kernels import sliding as K_swa
 from kernels.common import tl_dtype
 from reference.checks import check_gate, check_positive_int
 
-from .common import SeqInfo, check_cuda, check_kernel_inputs, empty, resolve_scale, sm_count, split_arg
+from .common import (SeqInfo, check_cuda, check_kernel_inputs, empty, kernel_gate, kernel_ready, resolve_scale, sm_count,
+                     split_arg)
 from .selected import selected_attention
 
 
@@ -77,7 +78,7 @@ class SlidingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dog):
         q, k, v, gate, o, lse = ctx.saved_tensors
-        dq, dk, dv, dgate = banded_bwd(q, k, v, gate, o, lse, dog.contiguous(), ctx.window_size, 1, 0,
+        dq, dk, dv, dgate = banded_bwd(q, k, v, gate, o, lse, kernel_ready(dog), ctx.window_size, 1, 0,
                                        ctx.scale, ctx.seq, ctx.seq)
         return dq, dk, dv, dgate.to(gate.dtype), None, None, None
 
@@ -114,11 +115,9 @@ def sliding_window_attention(
     W = min(check_positive_int(window_size, "window_size"), K_swa.W_CAP)
     check_gate(g_swa, "g_swa", B, T, HQ, q)
     scale = resolve_scale(scale, Kd)
-    seq = SeqInfo.build(cu_seqlens, B, T, q.device)
+    seq = SeqInfo.build(cu_seqlens, B, T, q)
     check_cuda(q, op)
-    gate = (torch.ones(B, T, HQ, dtype=q.dtype, device=q.device) if g_swa is None
-            else g_swa.to(q.dtype).contiguous())
-    return SlidingAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), gate, W, scale, seq)
+    return SlidingAttentionFunction.apply(*map(kernel_ready, (q, k, v)), kernel_gate(g_swa, q), W, scale, seq)
 
 
 def selected_sliding_attention(
@@ -137,8 +136,12 @@ def selected_sliding_attention(
     r"""g_slc·o_slc + g_swa·o_swa: `reference.naive_nsa` on the kernels (arguments as in
     `selected_attention` and `sliding_window_attention`; window_size 0 leaves the sliding branch
     out). Two launches for now, one per branch; whether one fused launch is faster has not been
-    measured yet (docs/perf-notes.md)."""
+    measured yet (docs/perf-notes.md). Every argument is checked before the first launch: the
+    sliding branch's own here, the rest by selected_attention before its kernel."""
+    W = check_positive_int(window_size, "window_size", minimum=0)
+    if isinstance(q, torch.Tensor) and q.dim() == 4:
+        check_gate(g_swa, "g_swa", *q.shape[:3], q)
     o = selected_attention(q, k, v, block_indices, block_counts, block_size, scale, cu_seqlens, g_slc)
-    if check_positive_int(window_size, "window_size", minimum=0) == 0:
+    if W == 0:
         return o
-    return o + sliding_window_attention(q, k, v, window_size, scale, cu_seqlens, g_swa)
+    return o + sliding_window_attention(q, k, v, W, scale, cu_seqlens, g_swa)
