@@ -8,7 +8,7 @@ import reference as R
 from nsa_module.cache import RingBuffer
 from nsa_module.layer import NativeSparseAttention
 from reference.inputs import random_cu_seqlens
-from tests.test_selected import rel_err
+from tests.utils import check_segments, hostile_lengths, packed, rel_err, segments
 
 SMALL = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, compress_block=8, compress_stride=4,
              block_size=8, block_counts=3, window_size=6)
@@ -132,21 +132,29 @@ DEC = dict(hidden_size=256, num_heads=16, num_kv_heads=2, head_dim=64, compress_
 
 
 @pytest.mark.gpu
-def test_layer_kernels_match_reference_path():
+@pytest.mark.parametrize("varlen", [False, True], ids=["B1", "packed"])
+def test_layer_kernels_match_reference_path(varlen):
     """The bf16 layer on CUDA: attention on the TileLang kernels against the same bf16 module with
     attention on the float32 reference, so the two differ only in the attention. (Against a float32
     copy of the module the whole bf16 layer, projections included, is ~2% off: that is bf16, not
-    the kernels.)"""
+    the kernels.) Packed: many short sequences around l, d, l' and the query tile, then a long one,
+    compared sequence by sequence. Not row by row: each side chooses its own blocks, and a near-tie
+    in the block scores may go either way, changing that row's selected branch."""
     torch.manual_seed(0)
     m = NativeSparseAttention(**DEC).cuda().to(torch.bfloat16)
     m_ref = copy.deepcopy(m)
     m_ref._use_kernels = lambda x: False
-    x = torch.randn(1, 700, 256, device="cuda", dtype=torch.bfloat16)
-    y, _ = m(x)
-    y_ref, _ = m_ref(x)
+    T = 700
+    cu = None
+    if varlen:
+        lens = hostile_lengths(32, 16, 64, 8)
+        cu = packed(lens + [T - sum(lens)])
+    x = torch.randn(1, T, 256, device="cuda", dtype=torch.bfloat16)
+    y, _ = m(x, cu_seqlens=cu)
+    y_ref, _ = m_ref(x, cu_seqlens=cu)
     assert not y.isnan().any()
     assert rel_err(y, y_ref) <= 1e-2
-
+    check_segments("y", y, y_ref, segments(1, T, cu))
 
 
 @pytest.mark.gpu
@@ -182,4 +190,6 @@ def test_decode_kernels_match_reference_decode_uneven_lengths():
         ys.append(m(x, cache=cache)[0])
         ys_ref.append(m_ref(x, cache=cache_ref)[0])
         assert cache.reads == cache_ref.reads
-    assert rel_err(torch.cat(ys, 1), torch.cat(ys_ref, 1)) <= 1e-2
+    ys, ys_ref = torch.cat(ys, 1), torch.cat(ys_ref, 1)
+    assert rel_err(ys, ys_ref) <= 1e-2
+    check_segments("y", ys, ys_ref, segments(2, 60))  # each sequence: a row of ys

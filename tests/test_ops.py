@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from nsa_module import ops  # noqa: F401  (registers the ops)
 from nsa_module.layer import NativeSparseAttention
-from tests.test_selected import rel_err
+from tests.utils import rel_err
 
 SMALL = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, compress_block=8, compress_stride=4,
              block_size=8, block_counts=3, window_size=6)

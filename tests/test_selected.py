@@ -1,8 +1,9 @@
 """Selected-block attention: TileLang kernels against the golden reference.
 
 gpu: forward and every gradient (q, k, v, g_slc) against reference.naive_nsa in float32 over a grid
-that covers G, head dims, block sizes, S, hostile ids, block_counts, varlen, T off the block grid and
-both dtypes; outputs are poisoned with NaN first. compile: every kernel family builds for sm_90a on
+that covers G, head dims, block sizes, S, hostile ids, block_counts, varlen (many short sequences
+whose ends fall inside blocks and key tiles), T off the block grid and both dtypes; outputs are
+poisoned with NaN first; compared per sequence and per row (tests/utils.py). compile: every kernel family builds for sm_90a on
 the CPU. CPU: the host-side inverted index and the argument checks.
 """
 import math
@@ -17,10 +18,7 @@ from nsa_module import selected_attention
 from nsa_module.common import SeqInfo, prepare_block_indices
 from nsa_module.selected import block_pairs
 from reference.inputs import random_block_counts, random_block_indices, random_cu_seqlens, random_gates, random_qkv
-
-
-def rel_err(x, ref):
-    return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+from tests.utils import assert_close, hostile_lengths, packed, rel_err, run_both, segments
 
 
 # G, H, K, V, BS, S, dtype, counts, varlen, T
@@ -40,6 +38,10 @@ GRID = [
     (64, 1, 128, 128, 64, 4, torch.bfloat16, None, False, 300),
     (3, 2, 64, 64, 64, 4, torch.bfloat16, "tensor", False, 211),  # a G that is no power of 2
     (16, 1, 64, 64, 256, 4, torch.bfloat16, "tensor", True, 1100),  # the largest block size
+    (16, 2, 128, 128, 64, 16, torch.bfloat16, "tensor", True, 1000),
+    (3, 2, 64, 64, 64, 4, torch.bfloat16, "tensor", True, 411),
+    (64, 1, 128, 128, 64, 4, torch.bfloat16, None, True, 400),
+    (2, 2, 192, 128, 32, 16, torch.bfloat16, "int", True, 433),
 ]
 
 
@@ -56,9 +58,18 @@ def compiled_grid():
         list(pool.map(lambda f: K_sel.selected_kernels(*f), fams))
 
 
+def hostile_cu(T, BS, device="cuda"):
+    """Short sequences around the block size, the key tile (min(BS, 64)) and 16, 1-token ones
+    between them (block boundaries fall inside key tiles of the dK/dV kernel, which reads a block's
+    last tile past its sequence's end), then one of the rest."""
+    lens = hostile_lengths(*(b for b in (BS, min(BS, 64), 16) if b <= 64))
+    assert sum(lens) < T
+    return packed(lens + [T - sum(lens)], device)
+
+
 def make_case(G, H, K, V, BS, S, dtype, counts, varlen, T, device="cuda", adversarial=0.3, seed=0):
     B = 1 if varlen else 2
-    cu = random_cu_seqlens(T, 3, min_len=BS // 2 + 1, seed=seed, device=device) if varlen else None
+    cu = hostile_cu(T, BS, device) if varlen else None
     q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device=device, seed=seed)
     idx = random_block_indices(B, T, H, S, BS, cu_seqlens=cu, device=device, seed=seed, adversarial=adversarial)
     bc = {None: None, "int": max(1, S - 1), "tensor": random_block_counts(B, T, H, S, device=device, seed=seed)}[counts]
@@ -66,28 +77,20 @@ def make_case(G, H, K, V, BS, S, dtype, counts, varlen, T, device="cuda", advers
     return q, k, v, g, idx, bc, cu
 
 
-def run_both(q, k, v, g, idx, bc, cu, BS, scale=None):
-    """(ours, reference) outputs and gradients of q, k, v, g for one random dO."""
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
-    o = selected_attention(*leaves[:3], idx, bc, BS, scale, cu, leaves[3])
-    do = torch.randn_like(o)
-    o.backward(do)
-    ref_leaves = [x.detach().float().requires_grad_() for x in (q, k, v, g)]
-    ref = R.naive_nsa(*ref_leaves[:3], ref_leaves[3], None, idx, bc, BS, 0, scale, cu)
-    ref.backward(do.float())
-    return [o] + [x.grad for x in leaves], [ref] + [x.grad for x in ref_leaves]
+def run_selected(q, k, v, g, idx, bc, cu, BS, scale=None):
+    """(ours, float32 reference, low-precision reference): outputs and gradients of q, k, v, g."""
+    return run_both(lambda q, k, v, g: selected_attention(q, k, v, idx, bc, BS, scale, cu, g),
+                    lambda q, k, v, g: R.naive_nsa(q, k, v, g, None, idx, bc, BS, 0, scale, cu),
+                    [q, k, v, g])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GRID, ids=[grid_id(c) for c in GRID])
 def test_selected_matches_reference(case, compiled_grid, poison_outputs):
     G, H, K, V, BS, S, dtype, counts, varlen, T = case
-    ours, ref = run_both(*make_case(*case), BS)
-    for name, x, r in zip(["o", "dq", "dk", "dv", "dg"], ours, ref):
-        assert x.dtype == dtype and x.shape == r.shape, name
-        assert not x.isnan().any(), f"{name} has NaN (an element left unwritten?)"
-        err = rel_err(x, r)
-        assert err <= 1e-2, f"{name}: relative error {err:.2e}"
+    q, k, v, g, idx, bc, cu = make_case(*case)
+    ours, ref, lp = run_selected(q, k, v, g, idx, bc, cu, BS)
+    assert_close(ours, ref, lp, ["o", "dq", "dk", "dv", "dg"], dtype, segments(q.shape[0], T, cu))
 
 
 def grads(q, k, v, g, idx, bc, BS, do, cu=None):
@@ -114,13 +117,12 @@ def test_selected_empty_rows_are_zero(poison_outputs):
     idx = torch.full_like(idx, -1)
     idx[:, 150:, 0, 2] = 10 ** 6  # past the end: nothing either
     idx[:, 100:, 1, 1] = 3  # block 3 starts at 96: seen by tokens >= 96 of kv head 1
-    ours, ref = run_both(q, k, v, g, idx, None, None, 32)
+    ours, ref, lp = run_selected(q, k, v, g, idx, None, None, 32)
     o = ours[0]
     assert (o[:, :, :4] == 0).all() and (o[:, 100:, 4:] != 0).all()
     for x in ours:
         assert torch.isfinite(x).all()
-    for x, r in zip(ours, ref):
-        assert rel_err(x, r) <= 1e-2
+    assert_close(ours, ref, lp, ["o", "dq", "dk", "dv", "dg"], torch.bfloat16, segments(2, 200))
 
 
 @pytest.mark.gpu
@@ -220,7 +222,7 @@ def test_block_pairs_inverts_the_selection(varlen):
     idx = random_block_indices(B, T, H, S, BS, cu_seqlens=cu, seed=8, adversarial=0.4)
     cnt_in = random_block_counts(B, T, H, S, seed=8)
     idx32, cnt = prepare_block_indices(idx, cnt_in, B, T, H, idx)
-    seq = SeqInfo.build(cu, B, T, "cpu")
+    seq = SeqInfo.build(cu, B, T, idx)
     blk_start, blk_end, pair_off, pair_tok = block_pairs(idx32, cnt, BS, seq)
     # brute force: which tokens read which (batch, head, sequence block)
     starts = seq.starts

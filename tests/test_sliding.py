@@ -1,8 +1,9 @@
 """Sliding-window attention and the selected + sliding combination: kernels against the reference.
 
 gpu: forward and every gradient (q, k, v, gates) against reference.naive_nsa in float32 over G,
-head dims, W ∈ {1, 7, 64, 512, >= T}, varlen, T off the tile grid and both dtypes, outputs poisoned
-with NaN first; W >= T against SDPA's full causal attention. compile: the family builds for sm_90a
+head dims, W ∈ {1, 7, 64, 512, >= T}, varlen with many short sequences whose ends fall inside the
+query and key tiles, T off the tile grid and both dtypes, outputs poisoned with NaN first, compared
+per sequence and per row (tests/utils.py); W >= T against SDPA's full causal attention. compile: the family builds for sm_90a
 on the CPU. CPU: the argument checks.
 """
 from concurrent.futures import ThreadPoolExecutor
@@ -13,20 +14,25 @@ import torch
 import reference as R
 from kernels import sliding as K_swa
 from nsa_module import selected_sliding_attention, sliding_window_attention
-from reference.inputs import random_block_counts, random_block_indices, random_cu_seqlens, random_gates, random_qkv
-from tests.test_selected import rel_err
+from reference.inputs import random_block_counts, random_block_indices, random_gates, random_qkv
+from tests.utils import assert_close, hostile_lengths, packed, rel_err, run_both, segments
 
 # G, H, K, V, W, dtype, varlen, T
 GRID = [
     (16, 2, 128, 128, 512, torch.bfloat16, False, 1000),  # the benchmark's family
+    (16, 2, 128, 128, 512, torch.bfloat16, True, 1000),
     (1, 4, 64, 64, 1, torch.float16, True, 517),
     (2, 2, 192, 128, 7, torch.bfloat16, False, 333),
+    (2, 2, 192, 128, 7, torch.bfloat16, True, 433),
     (4, 2, 256, 256, 64, torch.float16, True, 700),
     (8, 2, 128, 128, 4096, torch.bfloat16, False, 250),  # W >= T: full causal attention
+    (8, 2, 128, 128, 4096, torch.bfloat16, True, 450),
     (32, 1, 64, 64, 512, torch.bfloat16, True, 450),
     (16, 2, 192, 128, 64, torch.float16, True, 900),  # the paper's dims
     (3, 2, 64, 64, 7, torch.bfloat16, False, 211),  # a G that divides no tile
+    (3, 2, 64, 64, 7, torch.bfloat16, True, 411),
     (64, 1, 128, 128, 1, torch.bfloat16, False, 300),
+    (64, 1, 128, 128, 1, torch.bfloat16, True, 400),
 ]
 
 
@@ -42,57 +48,32 @@ def compiled_grid():
         list(pool.map(lambda f: K_swa.sliding_kernels(*f), fams))
 
 
-def make_inputs(G, H, K, V, dtype, varlen, T, seed=0):
+def hostile_cu(T, G, *sizes):
+    """Short sequences around the query tile (64 // G tokens), the 64-key tile and `sizes`, 1-token
+    ones between them, then one of the rest (sizes past 128 tokens are left to the long one)."""
+    lens = hostile_lengths(max(1, 64 // G), 64, *(b for b in sizes if b < 128))
+    assert sum(lens) < T
+    return packed(lens + [T - sum(lens)])
+
+
+def make_inputs(G, H, K, V, dtype, varlen, T, seed=0, sizes=()):
     B = 1 if varlen else 2
-    cu = random_cu_seqlens(T, 3, min_len=20, seed=seed, device="cuda") if varlen else None
+    cu = hostile_cu(T, G, *sizes) if varlen else None
     q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device="cuda", seed=seed)
     g1 = random_gates(B, T, G * H, dtype=dtype, device="cuda", seed=seed + 1)
     g2 = random_gates(B, T, G * H, dtype=dtype, device="cuda", seed=seed + 2)
     return q, k, v, g1, g2, cu
 
 
-def run_both(ours, ref, tensors):
-    """ours(*leaves) and ref(*float32 leaves), then both backward with one dO: outputs and grads."""
-    leaves = [x.detach().clone().requires_grad_() for x in tensors]
-    o = ours(*leaves)
-    do = torch.randn_like(o)
-    o.backward(do)
-    ref_leaves = [x.detach().float().requires_grad_() for x in tensors]
-    r = ref(*ref_leaves)
-    r.backward(do.float())
-    return [o] + [x.grad for x in leaves], [r] + [x.grad for x in ref_leaves]
-
-
-def assert_close_rel(ours, ref, names, dtype):
-    """Relative error <= 1e-2 per tensor. Two exceptions the math forces:
-    - an input the output does not depend on (g_swa with window 0) has no gradient on either side;
-    - a gradient that is exactly 0 in the reference (W = 1: each row sees one key, P = 1, so
-      dS = P·(dP - Δ) = 0 and dq = dk = 0) has no scale to be relative to: ours computes dP and
-      Δ = rowsum(dO∘O) in different fp32 summation orders, so it is 0 up to rounding; the inputs
-      are O(1) random numbers, so an absolute 1e-3 still catches any real error."""
-    for name, x, r in zip(names, ours, ref):
-        if x is None or r is None:
-            assert x is None and r is None, f"{name}: gradient on one side only"
-            continue
-        assert x.dtype == dtype and x.shape == r.shape, name
-        assert not x.isnan().any(), f"{name} has NaN (an element left unwritten?)"
-        if r.abs().max() == 0:
-            err = (x.float() - r).abs().max().item()
-            assert err <= 1e-3, f"{name}: the reference is exactly 0, ours is off by {err:.2e}"
-            continue
-        err = rel_err(x, r)
-        assert err <= 1e-2, f"{name}: relative error {err:.2e}"
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GRID, ids=[grid_id(c) for c in GRID])
 def test_sliding_matches_reference(case, compiled_grid, poison_outputs):
     G, H, K, V, W, dtype, varlen, T = case
-    q, k, v, g, _, cu = make_inputs(G, H, K, V, dtype, varlen, T)
-    ours, ref = run_both(lambda q, k, v, g: sliding_window_attention(q, k, v, W, None, cu, g),
-                         lambda q, k, v, g: R.naive_nsa(q, k, v, None, g, None, None, 64, W, None, cu),
-                         [q, k, v, g])
-    assert_close_rel(ours, ref, ["o", "dq", "dk", "dv", "dg"], dtype)
+    q, k, v, g, _, cu = make_inputs(G, H, K, V, dtype, varlen, T, sizes=(W,))
+    ours, ref, lp = run_both(lambda q, k, v, g: sliding_window_attention(q, k, v, W, None, cu, g),
+                             lambda q, k, v, g: R.naive_nsa(q, k, v, None, g, None, None, 64, W, None, cu),
+                             [q, k, v, g])
+    assert_close(ours, ref, lp, ["o", "dq", "dk", "dv", "dg"], dtype, segments(q.shape[0], T, cu))
 
 
 @pytest.mark.gpu
@@ -101,15 +82,15 @@ def test_sliding_matches_reference(case, compiled_grid, poison_outputs):
                          ids=["paper-dims-W512-varlen", "G4-W7"])
 def test_selected_plus_sliding_matches_reference(case, poison_outputs):
     G, H, K, V, BS, S, W, dtype, varlen, T = case
-    q, k, v, g1, g2, cu = make_inputs(G, H, K, V, dtype, varlen, T, seed=1)
+    q, k, v, g1, g2, cu = make_inputs(G, H, K, V, dtype, varlen, T, seed=1, sizes=(BS, W))
     B = q.shape[0]
     idx = random_block_indices(B, T, H, S, BS, cu_seqlens=cu, device="cuda", seed=1, adversarial=0.3)
     bc = random_block_counts(B, T, H, S, device="cuda", seed=1)
-    ours, ref = run_both(
+    ours, ref, lp = run_both(
         lambda q, k, v, g1, g2: selected_sliding_attention(q, k, v, idx, bc, BS, W, None, cu, g1, g2),
         lambda q, k, v, g1, g2: R.naive_nsa(q, k, v, g1, g2, idx, bc, BS, W, None, cu),
         [q, k, v, g1, g2])
-    assert_close_rel(ours, ref, ["o", "dq", "dk", "dv", "dg_slc", "dg_swa"], dtype)
+    assert_close(ours, ref, lp, ["o", "dq", "dk", "dv", "dg_slc", "dg_swa"], dtype, segments(B, T, cu))
 
 
 @pytest.mark.gpu

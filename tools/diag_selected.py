@@ -7,7 +7,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reference as R  # noqa: E402
 from nsa_module import selected_attention  # noqa: E402
-from tests.test_selected import grads, make_case, rel_err  # noqa: E402
+from tests.test_selected import grads, make_case  # noqa: E402
+from tests.utils import rel_err  # noqa: E402
 
 torch.set_printoptions(linewidth=200)
 for G, H, K, V, BS, S, dt, counts, varlen, T in [(32, 1, 128, 128, 32, 16, torch.float16, "tensor", False, 390),

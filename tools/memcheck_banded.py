@@ -1,7 +1,8 @@
 """Run under compute-sanitizer: the banded kernels (sliding window, compressed attention) and the
 block-score kernel, forward and backward, over sequence layouts that stress their bounds: tiles
 straddling sequences, sequences of 1 token, sequences shorter than one compressed block (no key
-at all), T off every tile grid, windows of 1 and past the sequence.
+at all) next to ones with one, packed batches of many short sequences around l, d and the query
+tile, T off every tile grid, windows of 1 and past the sequence.
 
     compute-sanitizer --tool memcheck python tools/memcheck_banded.py
 """
@@ -14,8 +15,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nsa_module import compress_mean, compressed_attention, nsa, sliding_window_attention  # noqa: E402
 from reference.inputs import random_qkv  # noqa: E402
+from tests.utils import hostile_lengths  # noqa: E402
 
-LAYOUTS = [None, [0, 1, 2, 67, 68, 301], [0, 5, 40, 41, 200, 333]]
+
+def _offsets(lengths):
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
+LAYOUTS = [None, [0, 1, 2, 67, 68, 301], [0, 5, 40, 41, 200, 333], _offsets([33, 33, 36, 32, 200, 36, 32, 1]),
+           _offsets(hostile_lengths(32, 16, 4, 21, 64) + [100])]
 
 # G, H, K, V, W: one window per head shape keeps the compile count down
 CASES = [(16, 2, 128, 128, 1), (3, 2, 64, 64, 7), (4, 1, 192, 128, 4096)]

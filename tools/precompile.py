@@ -77,9 +77,16 @@ def build(fam):
 
 def test_families():
     """What `pytest -m gpu` compiles for the sliding, compressed, nsa and layer tests."""
-    from tests import test_compressed, test_nsa, test_sliding
+    from tests import test_compressed, test_nsa, test_selected, test_sliding
     dt = lambda x: str(x).replace("torch.", "")  # noqa: E731
     fams = []
+    for G, H, K, V, BS, S, dtype, _, _, _ in test_selected.GRID:
+        fams += selected(H, G, K, V, S, BS, dt(dtype))
+    # test_inputs: odd inputs through every family (G = 4, H = 2, K = V = 64)
+    fams += selected(2, 4, 64, 64, 4, 32, "bfloat16") + selected(2, 4, 64, 64, 2, 64, "bfloat16")
+    fams += sliding(2, 4, 64, 64, 64, "bfloat16") + compressed(2, 4, 64, 64, 32, 16, "bfloat16")
+    fams += nsa(2, 4, 64, 64, 32, 16, 32, 4, 64, "bfloat16") + nsa(2, 4, 64, 64, 32, 16, 32, 4, 16, "bfloat16")
+    fams += decode(2, 4, 64, 64, 32, 16, 64, 4, 64, [337], "bfloat16")
     for G, H, K, V, W, dtype, _, _ in test_sliding.GRID:
         fams += sliding(H, G, K, V, W, dt(dtype))
     fams += selected(2, 16, 192, 128, 16, 64, "bfloat16") + sliding(2, 16, 192, 128, 512, "bfloat16")
