@@ -116,6 +116,8 @@ def attend_backward(do: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: 
     ones empty when W = 0); each branch's backward gets do, as o is their sum."""
     qseq, kseq = _layouts(q, cu_seqlens, l, d)
     do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa = map(_c, (do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa))
+    # the saved outputs too: under torch.compile they reach this op as the graph hands them over
+    o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa = map(_c, (o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa))
     gates = [None if g is None else kernel_ready(g.to(q.dtype)) for g in (g_cmp, g_slc, g_swa)]
     B, T = q.shape[:2]
     idx, cnt = prepare_block_indices(block_indices, None, B, T, k_slc.shape[2], q)

@@ -210,8 +210,11 @@ def test_gpu_misaligned_views_equal_aligned_inputs():
             o = call(*leaves)
             o.backward(torch.ones_like(o))
             outs.append([o] + [x.grad for x in leaves])
-        for a, b in zip(*outs):
-            assert torch.equal(a, b)
+        for name, a, b in zip(["o", "dq", "dk", "dv", "dg"], *outs):
+            if name in ("dk", "dv"):  # the compressed branch adds its dK/dV with fp32 atomics
+                torch.testing.assert_close(a, b, rtol=2 ** -7, atol=1e-5, msg=name)
+            else:
+                assert torch.equal(a, b), name
 
 
 @pytest.mark.gpu
