@@ -16,7 +16,7 @@ import reference as R
 from kernels import sliding as K_swa
 from nsa_module import compress_mean, compressed_attention
 from reference.inputs import random_gates, random_qkv
-from tests.utils import assert_close, compressed_segments, hostile_lengths, packed, rel_err, run_both, segments
+from tests.utils import assert_close, compressed_segments, hostile_cu, packed, rel_err, run_both, segments
 
 # G, H, K, V, l, d, dtype, varlen, T
 GRID = [
@@ -35,13 +35,6 @@ GRID = [
 def grid_id(c):
     G, H, K, V, l, d, dtype, varlen, T = c
     return f"G{G}-H{H}-K{K}V{V}-l{l}d{d}-{str(dtype)[6:]}-{'varlen' if varlen else 'B2'}-T{T}"
-
-
-def hostile_cu(T, l, d, G, device="cuda"):
-    """Short sequences around l, d and the query tile (64 // G tokens), then one of the rest."""
-    lens = hostile_lengths(l, d, max(1, 64 // G))
-    assert sum(lens) < T
-    return packed(lens + [T - sum(lens)], device)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +61,8 @@ def check_compressed(G, H, K, V, l, d, dtype, B, T, cu, seed=3):
 def test_compressed_matches_reference(case, compiled_grid, poison_outputs):
     G, H, K, V, l, d, dtype, varlen, T = case
     B = 1 if varlen else 2
-    check_compressed(G, H, K, V, l, d, dtype, B, T, hostile_cu(T, l, d, G) if varlen else None)
+    # varlen: short sequences around l, d and the query tile (64 // G tokens), then one of the rest
+    check_compressed(G, H, K, V, l, d, dtype, B, T, hostile_cu(T, l, d, max(1, 64 // G)) if varlen else None)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,7 @@ import reference as R
 from nsa_module.cache import RingBuffer
 from nsa_module.layer import NativeSparseAttention
 from reference.inputs import random_cu_seqlens
-from tests.utils import check_segments, hostile_lengths, packed, rel_err, segments
+from tests.utils import check_segments, hostile_cu, rel_err, segments
 
 SMALL = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, compress_block=8, compress_stride=4,
              block_size=8, block_counts=3, window_size=6)
@@ -145,10 +145,7 @@ def test_layer_kernels_match_reference_path(varlen):
     m_ref = copy.deepcopy(m)
     m_ref._use_kernels = lambda x: False
     T = 700
-    cu = None
-    if varlen:
-        lens = hostile_lengths(32, 16, 64, 8)
-        cu = packed(lens + [T - sum(lens)])
+    cu = hostile_cu(T, 32, 16, 64, 8) if varlen else None
     x = torch.randn(1, T, 256, device="cuda", dtype=torch.bfloat16)
     y, _ = m(x, cu_seqlens=cu)
     y_ref, _ = m_ref(x, cu_seqlens=cu)

@@ -17,7 +17,7 @@ from nsa_module import nsa
 from nsa_module.common import SeqInfo
 from nsa_module.topk import query_tiles, select_from_scores
 from reference.inputs import random_cu_seqlens, random_gates, random_qkv
-from tests.utils import assert_close, hostile_lengths, packed, run_both, segments
+from tests.utils import assert_close, hostile_cu, run_both, segments
 
 # G, H, K, V, l, d, l', n, W, dtype, varlen, T
 CASES = [
@@ -64,10 +64,8 @@ def check_selection(ours, ref, p_slc, tol=5e-3):
 def test_nsa_matches_reference(case, poison_outputs):
     G, H, K, V, l, d, ls, n, W, dtype, varlen, T = case
     B = 1 if varlen else 2
-    cu = None
-    if varlen:  # many short sequences (around l, d, l' and the query tiles), then a long one
-        lens = hostile_lengths(l, d, ls, max(1, 64 // G))
-        cu = packed(lens + [T - sum(lens)])
+    # varlen: many short sequences (around l, d, l' and the query tiles), then a long one
+    cu = hostile_cu(T, l, d, ls, max(1, 64 // G)) if varlen else None
     q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device="cuda", seed=7)
     gates = [random_gates(B, T, G * H, dtype=dtype, device="cuda", seed=s) for s in (8, 9, 10)]
     _, idx = nsa(q, k, v, *gates, block_counts=n, block_size=ls, window_size=W, cu_seqlens=cu,

@@ -18,7 +18,7 @@ from nsa_module import selected_attention
 from nsa_module.common import SeqInfo, prepare_block_indices
 from nsa_module.selected import block_pairs
 from reference.inputs import random_block_counts, random_block_indices, random_cu_seqlens, random_gates, random_qkv
-from tests.utils import assert_close, hostile_lengths, packed, rel_err, run_both, segments
+from tests.utils import assert_close, hostile_cu, rel_err, run_both, segments
 
 
 # G, H, K, V, BS, S, dtype, counts, varlen, T
@@ -58,18 +58,12 @@ def compiled_grid():
         list(pool.map(lambda f: K_sel.selected_kernels(*f), fams))
 
 
-def hostile_cu(T, BS, device="cuda"):
-    """Short sequences around the block size, the key tile (min(BS, 64)) and 16, 1-token ones
-    between them (block boundaries fall inside key tiles of the dK/dV kernel, which reads a block's
-    last tile past its sequence's end), then one of the rest."""
-    lens = hostile_lengths(*(b for b in (BS, min(BS, 64), 16) if b <= 64))
-    assert sum(lens) < T
-    return packed(lens + [T - sum(lens)], device)
-
-
 def make_case(G, H, K, V, BS, S, dtype, counts, varlen, T, device="cuda", adversarial=0.3, seed=0):
     B = 1 if varlen else 2
-    cu = hostile_cu(T, BS, device) if varlen else None
+    # varlen: short sequences around the block size, the key tile (min(BS, 64)) and 16, 1-token ones
+    # between them (block ends fall inside key tiles of the dK/dV kernel, which reads a block's last
+    # tile past its sequence's end), then one of the rest
+    cu = hostile_cu(T, *(b for b in (BS, min(BS, 64), 16) if b <= 64), device=device) if varlen else None
     q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device=device, seed=seed)
     idx = random_block_indices(B, T, H, S, BS, cu_seqlens=cu, device=device, seed=seed, adversarial=adversarial)
     bc = {None: None, "int": max(1, S - 1), "tensor": random_block_counts(B, T, H, S, device=device, seed=seed)}[counts]

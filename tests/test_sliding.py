@@ -15,7 +15,7 @@ import reference as R
 from kernels import sliding as K_swa
 from nsa_module import selected_sliding_attention, sliding_window_attention
 from reference.inputs import random_block_counts, random_block_indices, random_gates, random_qkv
-from tests.utils import assert_close, hostile_lengths, packed, rel_err, run_both, segments
+from tests.utils import assert_close, hostile_cu, rel_err, run_both, segments
 
 # G, H, K, V, W, dtype, varlen, T
 GRID = [
@@ -48,17 +48,11 @@ def compiled_grid():
         list(pool.map(lambda f: K_swa.sliding_kernels(*f), fams))
 
 
-def hostile_cu(T, G, *sizes):
-    """Short sequences around the query tile (64 // G tokens), the 64-key tile and `sizes`, 1-token
-    ones between them, then one of the rest (sizes past 128 tokens are left to the long one)."""
-    lens = hostile_lengths(max(1, 64 // G), 64, *(b for b in sizes if b < 128))
-    assert sum(lens) < T
-    return packed(lens + [T - sum(lens)])
-
-
 def make_inputs(G, H, K, V, dtype, varlen, T, seed=0, sizes=()):
     B = 1 if varlen else 2
-    cu = hostile_cu(T, G, *sizes) if varlen else None
+    # varlen: short sequences around the query tile (64 // G tokens), the 64-key tile and `sizes`,
+    # 1-token ones between them, then one of the rest (sizes past 128 tokens are left to the long one)
+    cu = hostile_cu(T, max(1, 64 // G), 64, *(b for b in sizes if b < 128)) if varlen else None
     q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device="cuda", seed=seed)
     g1 = random_gates(B, T, G * H, dtype=dtype, device="cuda", seed=seed + 1)
     g2 = random_gates(B, T, G * H, dtype=dtype, device="cuda", seed=seed + 2)

@@ -5,11 +5,11 @@ import torch
 
 import reference as R
 from reference.inputs import random_qkv
-from tests.utils import assert_close, hostile_lengths, packed, rel_err, run_both, segments
+from tests.utils import assert_close, hostile_cu, rel_err, run_both, segments
 
 
 def sliding_case(T=300, W=32):
-    cu = packed(hostile_lengths(8, 16) + [T - sum(hostile_lengths(8, 16))], "cpu")
+    cu = hostile_cu(T, 8, 16, device="cpu")
     q, k, v = random_qkv(1, T, 4, 2, 32, 32, dtype=torch.bfloat16, seed=5)
     ref = lambda q, k, v: R.naive_nsa(q, k, v, None, None, None, None, 64, W, None, cu)  # noqa: E731
     # "ours": the float32 reference rounded to bf16, as a kernel with fp32 accumulation would be

@@ -54,15 +54,22 @@ def packed(lengths: Sequence[int], device="cuda") -> torch.Tensor:
     return torch.tensor(offs, dtype=torch.int32, device=device)
 
 
-def hostile_lengths(*sizes: int, tail: int = 0) -> list[int]:
+def hostile_lengths(*sizes: int) -> list[int]:
     """Many short sequences for packed batches: for each block size b given (l, d, l', a tile),
     lengths b - 1, b, b + 1, with 1-token sequences and tiny ones between, so that sequence
-    boundaries fall inside every query and key tile; a longer last sequence if `tail`."""
+    boundaries fall inside every query and key tile."""
     out = [1, 2]
     for b in sorted(set(sizes)):
         out += [max(1, b - 1), 1, b, 3, b + 1]
-    out += [5, 1]
-    return out + ([tail] if tail else [])
+    return out + [5, 1]
+
+
+def hostile_cu(T: int, *sizes: int, device="cuda") -> torch.Tensor:
+    """cu_seqlens `[N+1]` of hostile_lengths(*sizes) followed by one sequence of the rest: T in all."""
+    lens = hostile_lengths(*sizes)
+    if sum(lens) >= T:
+        raise ValueError(f"T={T} leaves no room for a last sequence after {sum(lens)} short tokens")
+    return packed(lens + [T - sum(lens)], device)
 
 
 def run_both(ours: Callable, ref: Callable, tensors: Sequence[torch.Tensor], do: Optional[torch.Tensor] = None):

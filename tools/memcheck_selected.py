@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nsa_module import selected_attention  # noqa: E402
 from reference.inputs import random_block_counts, random_block_indices, random_cu_seqlens, random_qkv  # noqa: E402
-from tests.utils import hostile_lengths, packed  # noqa: E402
+from tests.utils import hostile_cu  # noqa: E402
 
 for (G, H, K, V, BS, S, varlen, T) in [(16, 2, 128, 128, 64, 16, False, 333), (3, 2, 64, 64, 16, 8, True, 301),
                                        (4, 1, 192, 128, 128, 4, True, 517), (16, 2, 128, 128, 64, 16, "packed", 333),
@@ -21,8 +21,7 @@ for (G, H, K, V, BS, S, varlen, T) in [(16, 2, 128, 128, 64, 16, False, 333), (3
     B = 1 if varlen else 2
     cu = random_cu_seqlens(T, 3, min_len=5, device="cuda") if varlen is True else None
     if varlen == "packed":
-        lens = hostile_lengths(BS, 16)
-        cu = packed(lens + [T - sum(lens)])
+        cu = hostile_cu(T, BS, 16)
     q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     idx = random_block_indices(B, T, H, S, BS, cu_seqlens=cu, device="cuda", adversarial=0.7)
     idx[..., 0] = 2 ** 31 - 1  # the largest id there is
