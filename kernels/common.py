@@ -56,3 +56,21 @@ def online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, GP, BN, V):
         l[i] = l[i] * r[i] + l_blk[i]
     for i, j in T.Parallel(GP, V):
         acc_o[i, j] *= r[i]
+
+
+def pipelined(extent, num_stages: int, n_loads: int, n_stmts: int):
+    """A software-pipelined loop over a data-dependent extent.
+
+    num_stages 1: TileLang's own schedule (single-buffered tiles; each load is issued once its
+    buffer's last reader is done, so it overlaps the rest of the iteration).
+    num_stages 2: double-buffered tiles, the first n_loads statements of the n_stmts-statement body
+    (its global → shared copies) issued one whole iteration ahead. Written as an explicit
+    order/stage schedule because TileLang 0.1.15's inferred schedule for num_stages >= 2 over a
+    dynamic extent unrolls its epilogue into a `cp.async.wait_group(1 - it)` that does not compile
+    ("Downcast from tirx.Sub to ir.IntImm"); the explicit one drains with constant waits. The body
+    must list its loads first, and n_stmts must count its top-level statements after macro
+    expansion (a mismatch fails to compile, it cannot run wrong).
+    """
+    if num_stages <= 1:
+        return T.Pipelined(extent, num_stages=num_stages)
+    return T.Pipelined(extent, order=list(range(n_stmts)), stage=[0] * n_loads + [1] * (n_stmts - n_loads))

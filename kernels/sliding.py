@@ -22,31 +22,31 @@ program owns the rows it writes: no atomics.
 import tilelang
 import tilelang.language as T
 
-from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16
+from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16, pipelined
 
 # A window this long covers any sequence the int32 kernels index; it also means "no window".
 W_CAP = 1 << 30
 
 
-def pick_config(G: int, K: int, V: int) -> dict:
+def pick_config(G: int, K: int, V: int, rows: int = 64, BN: int = 64, num_stages: int = 1) -> dict:
     """Tile choices of the forward and dQ kernels.
 
-    M rows = BM tokens × G heads, padded to 16: 64 rows with 4 warps of 16 rows (FullRow, so P and
-        dS stay in registers between MMAs); G = 128 needs 128 rows and 8 warps.
-    BN: 64 keys per step.
-    num_stages: 1. The tile count depends on where the sequence starts (data-dependent), and
-        TileLang 0.1.15 cannot compile deeper pipelines over a dynamic trip count.
+    M rows = BM tokens × G heads, BM = rows // G (at least 1), padded to 16; one warp per 16 rows
+        (FullRow, so P and dS stay in registers between MMAs).
+    BN: keys per step.
+    num_stages: 1 (TileLang's single-buffered schedule) or 2 (double-buffered K/V tiles issued a
+        whole step ahead; see common.pipelined).
     """
-    BM = max(1, 64 // G)
+    BM = max(1, rows // G)
     M = pad16(BM * G)
-    return dict(BM=BM, M=M, BN=64, threads=32 * (M // 16), num_stages=1)
+    return dict(BM=BM, M=M, BN=BN, threads=32 * (M // 16), num_stages=num_stages)
 
 
-def pick_dkv_config(G: int, K: int, V: int) -> dict:
-    """Tile choices of the dK/dV kernel: BN = 64 key rows, M query rows per step as above. Its
-    dK `[BN, K]` + dV `[BN, V]` fp32 accumulators fit 4 warps owning 16 rows each up to K = V = 192;
-    at 256 they split columns over 8 warps (P and dS then go through shared memory)."""
-    cfg = pick_config(G, K, V)
+def pick_dkv_config(G: int, K: int, V: int, num_stages: int = 1) -> dict:
+    """Tile choices of the dK/dV kernel: BN = 64 key rows, M = 64 query rows (BM = 64 // G tokens)
+    per step. Its dK `[BN, K]` + dV `[BN, V]` fp32 accumulators fit 4 warps owning 16 rows each up to
+    K = V = 192; at 256 they split columns over 8 warps (P and dS then go through shared memory)."""
+    cfg = pick_config(G, K, V, rows=64, num_stages=num_stages)
     cfg["threads"] = 256 if max(K, V) >= 256 else 128
     return cfg
 
@@ -150,14 +150,18 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
             T.fill(l, 0)
             T.fill(m, -T.infinity(acc))
 
-            for it in T.Pipelined(n_tiles[0], num_stages=num_stages):
+            # 13 statements (online_softmax_step is 7), the K and V loads first when double-buffered
+            for it in pipelined(n_tiles[0], num_stages, 2, 13):
                 kt = lo[0] + it * BN
                 T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
+                if num_stages > 1:
+                    T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
                 band_mask(acc_s, kt, tpos_s, kbos_s, M, BN, W, KS, KC)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V)
                 T.copy(acc_s, acc_s_cast)  # FullRow: each warp owns its rows, P stays in registers
-                T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
+                if num_stages <= 1:  # single-buffered: V's load overlaps QKᵀ and the softmax
+                    T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
                 T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             for i, j in T.Parallel(M, V):
@@ -253,7 +257,7 @@ def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtyp
                     Delta[i_b, t0 + rr // G, i_h * G + rr % G] = delta_s[rr]
             T.clear(acc_dq)
 
-            for it in T.Pipelined(n_tiles[0], num_stages=num_stages):
+            for it in pipelined(n_tiles[0], num_stages, 2, 9):
                 kt = lo[0] + it * BN
                 T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
                 T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
@@ -281,7 +285,8 @@ def dkv_query_step(Q, dO, LSE, Delta, Gate, QOffsets, QSeq, KOffsets, K_s, V_s, 
                    gate_s, tpos_s, kbos_s, acc_st, acc_dpt, p_cast, ds_cast, acc_dk, acc_dv, i_b, i_h, kt, t0,
                    Tq, Tk, G: int, BM: int, M: int, BN: int, W: int, KS: int, KC: int, sc: float, policy):
     """dK/dV of key tile [kt, kt+BN) += the contribution of query tokens [t0, t0+BM) (all G heads):
-    dV += (Pᵀ∘Gate)·dOG, dK += dSᵀ·Q (unscaled), dS = P ∘ (Gate·dP - Delta)."""
+    dV += (Pᵀ∘Gate)·dOG, dK += dSᵀ·Q (unscaled), dS = P ∘ (Gate·dP - Delta).
+    12 statements, the first three the loads a double-buffered loop issues one step ahead."""
     load_rows(Q, Q_s, i_b, t0, i_h, G, BM, M)
     load_rows(dO, dO_s, i_b, t0, i_h, G, BM, M)
     for rr in T.Parallel(M):
@@ -380,7 +385,7 @@ def banded_bwd_dkv(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dty
             T.clear(acc_dk)
             T.clear(acc_dv)
 
-            for it in T.Pipelined(T.ceildiv(T.max(q_hi - q_lo + 1, 0), BM), num_stages=num_stages):
+            for it in pipelined(T.ceildiv(T.max(q_hi - q_lo + 1, 0), BM), num_stages, 3, 12):
                 dkv_query_step(Q, dO, LSE, Delta, Gate, QOffsets, QSeq, KOffsets, K_s, V_s, Q_s, dO_s, lse_s,
                                delta_s, gate_s, tpos_s, kbos_s, acc_st, acc_dpt, p_cast, ds_cast, acc_dk, acc_dv,
                                i_b, i_h, kt, q_lo + it * BM, Tq, Tk, G, BM, M, BN, W, KS, KC, sc, policy)
@@ -465,7 +470,7 @@ def banded_bwd_dkv_split(H: int, G: int, K: int, V: int, W: int, KS: int, KC: in
             T.clear(acc_dk)
             T.clear(acc_dv)
 
-            for it in T.Pipelined(T.ceildiv(T.max(n_q - i_s, 0), NS), num_stages=num_stages):
+            for it in pipelined(T.ceildiv(T.max(n_q - i_s, 0), NS), num_stages, 3, 12):
                 dkv_query_step(Q, dO, LSE, Delta, Gate, QOffsets, QSeq, KOffsets, K_s, V_s, Q_s, dO_s, lse_s,
                                delta_s, gate_s, tpos_s, kbos_s, acc_st, acc_dpt, p_cast, ds_cast, acc_dk, acc_dv,
                                i_b, i_h, kt, q_lo + (i_s + it * NS) * BM, Tq, Tk, G, BM, M, BN, W, KS, KC, sc,
