@@ -15,7 +15,7 @@ from kernels.sliding import W_CAP  # noqa: E402
 from nsa_module.common import SeqInfo  # noqa: E402
 from nsa_module.compressed import compress_mean, compressed_layout  # noqa: E402
 from nsa_module.sliding import banded_fwd  # noqa: E402
-from nsa_module.topk import _select_exact, block_scores, select_from_masked  # noqa: E402
+from nsa_module.topk import _select_exact, block_scores, select_blocks, select_from_masked  # noqa: E402
 
 
 def main():
@@ -47,6 +47,8 @@ def main():
             "compress_mean": lambda: compress_mean(k, v, a.l, a.d),
             "compressed fwd": lambda: banded_fwd(q, kc, vc, gate, W_CAP, a.d, a.l - 1, scale, qseq, kseq),
             "block_scores": lambda: block_scores(q, kc, lse, a.l, a.d, a.ls, scale, qseq, kseq),
+            "select on chip (block_topn: scores + top-n)": lambda: select_blocks(q, kc, lse, a.n, a.l, a.d, a.ls, scale,
+                                                                                 qseq, kseq),
             "select (fp32 top-(n+1))": lambda: select_from_masked(s, a.n),
             "select exact int64 (all rows)": lambda: _select_exact(s.view(-1, s.shape[-1]), a.n),
         }

@@ -1,8 +1,11 @@
-"""Top-n block selection (paper Eqs. 8–12) on the block-score kernel, then a row-wise selection.
+"""Top-n block selection (paper Eqs. 8–12).
 
-`select_blocks` equals `reference.select_blocks(reference.selection_scores(p_cmp, ...), ...)`:
+`select_blocks` (what nsa() and the layer use) chooses on chip, in the kernel that computes the
+block scores, and equals `reference.select_blocks(reference.selection_scores(p_cmp, ...), ...)`:
 block 0 and the two local blocks always, then the highest scores among blocks starting at or
-before t, ties toward the lower id, sorted ascending, -1 padding.
+before t, ties toward the lower id, sorted ascending, -1 padding. `block_scores` +
+`select_from_masked` compute the same in two steps through a `[B, T, H, T/l']` score matrix (kept
+for tests and tools).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 from kernels import topk as K_topk
 from kernels.common import tl_dtype
 
-from .common import SeqInfo
+from .common import SeqInfo, empty
 
 
 @lru_cache(maxsize=16)
@@ -111,5 +114,14 @@ def select_from_scores(scores: torch.Tensor, n: int, l_sel: int, qseq: SeqInfo, 
 
 def select_blocks(q, k_cmp, lse_cmp, n: int, l: int, d: int, l_sel: int, scale: float,
                   qseq: SeqInfo, kseq: SeqInfo) -> torch.Tensor:
-    """block_indices `[B, T, H, n]` chosen from the compressed attention (its LSE reused)."""
-    return select_from_masked(block_scores(q, k_cmp, lse_cmp, l, d, l_sel, scale, qseq, kseq), n)
+    """block_indices `[B, T, H, n]` (int32) chosen from the compressed attention (its LSE reused), on
+    chip: no score matrix, no host sync (kernels/topk.block_topn)."""
+    B, T, HQ, Kd = q.shape
+    H = k_cmp.shape[2]
+    G = HQ // H
+    ids = empty(B, T, H, n, dtype=torch.int32, device=q.device)
+    cfg = K_topk.pick_config(G, Kd, l, d, l_sel)
+    tiles = query_tiles(tuple(qseq.lengths), cfg["BM"], str(q.device))
+    K_topk.block_topn(H, G, Kd, l, d, l_sel, n, tl_dtype(q.dtype), scale, **cfg)(
+        q, k_cmp, lse_cmp, tiles, qseq.offsets, qseq.tok_seq, kseq.offsets, ids)
+    return ids

@@ -5,17 +5,21 @@ scores differ by float rounding: either order is accepted there, and the test sa
 that was), then output and every gradient against the reference run with the same ids, for the
 paper config (l=32, d=16, l'=64, n=16, W=512, G=16, K=192, V=128), fla's l = d = l' = 64, G in
 {1, 4, 16}, varlen with many short sequences (around l, d, l' and the query tiles: boundaries
-inside tiles), T off every block grid; compared per sequence and per row (tests/utils.py). compile: the score kernel builds
-for sm_90a. CPU: the row-wise selection against the reference (ties included) and the tiling.
+inside tiles), T off every block grid; compared per sequence and per row (tests/utils.py). The
+on-chip top-n against a row-wise ranking of the score kernel's own fp32 scores: equal at every row.
+compile: the score and top-n kernels build for sm_90a. CPU: the row-wise selection against the reference (ties included) and the tiling.
 """
 import pytest
 import torch
 
 import reference as R
 from kernels import topk as K_topk
+from kernels.sliding import W_CAP
 from nsa_module import nsa
 from nsa_module.common import SeqInfo
-from nsa_module.topk import query_tiles, select_from_scores
+from nsa_module.compressed import compress_mean, compressed_layout
+from nsa_module.sliding import banded_fwd
+from nsa_module.topk import block_scores, query_tiles, select_blocks, select_from_masked, select_from_scores
 from reference.inputs import random_cu_seqlens, random_gates, random_qkv
 from tests.utils import assert_close, hostile_cu, run_both, segments
 
@@ -82,14 +86,39 @@ def test_nsa_matches_reference(case, poison_outputs):
     assert_close(ours, ref, lp, ["o", "dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"], dtype, segments(B, T, cu))
 
 
-FAMILIES = [(2, 16, 192, 32, 16, 64, "bfloat16"), (4, 1, 64, 64, 64, 64, "float16")]
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_topn_on_chip_equals_ranking_of_its_scores(case, poison_outputs):
+    """block_topn chooses exactly what ranking block_scores' fp32 scores row by row chooses (the same
+    sums in the same order: ties, -1 padding and forced blocks included), at every row."""
+    G, H, K, V, l, d, ls, n, W, dtype, varlen, T = case
+    B = 1 if varlen else 2
+    cu = hostile_cu(T, l, d, ls, max(1, 64 // G)) if varlen else None
+    q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device="cuda", seed=3)
+    qseq = SeqInfo.build(cu, B, T, q)
+    kseq = compressed_layout(tuple(qseq.lengths), l, d, "cuda")
+    k_cmp, v_cmp = compress_mean(k, v, l, d, cu)
+    gate = torch.ones(B, T, G * H, dtype=dtype, device="cuda")
+    _, _, lse = banded_fwd(q, k_cmp, v_cmp, gate, W_CAP, d, l - 1, K ** -0.5, qseq, kseq)
+    for n_sel in sorted({3, n, 2 * n + 1}):
+        ids = select_blocks(q, k_cmp, lse, n_sel, l, d, ls, K ** -0.5, qseq, kseq)
+        scores = block_scores(q, k_cmp, lse, l, d, ls, K ** -0.5, qseq, kseq)
+        want = select_from_masked(scores, n_sel, fast=False)
+        bad = (ids != want).any(-1).nonzero()
+        assert bad.numel() == 0, f"n={n_sel}: {bad.shape[0]} rows differ, first {bad[:3].tolist()}"
+
+
+FAMILIES = [(2, 16, 192, 32, 16, 64, 16, "bfloat16"), (4, 1, 64, 64, 64, 64, 5, "float16")]
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f"nsa-topk-H{f[0]}-G{f[1]}-K{f[2]}-l{f[3]}d{f[4]}ls{f[5]}-{f[6]}")
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f"nsa-topk-H{f[0]}-G{f[1]}-K{f[2]}-l{f[3]}d{f[4]}ls{f[5]}-n{f[6]}-{f[7]}")
 def test_compile_nsa_block_scores(fam, sm90_target):
-    H, G, K, l, d, ls, dtype = fam
-    kern = K_topk.block_scores(H, G, K, l, d, ls, dtype, K ** -0.5, **K_topk.pick_config(G, K, l, d, ls))
+    H, G, K, l, d, ls, n, dtype = fam
+    cfg = K_topk.pick_config(G, K, l, d, ls)
+    kern = K_topk.block_scores(H, G, K, l, d, ls, dtype, K ** -0.5, **cfg)
+    assert "__global__" in kern.get_kernel_source()
+    kern = K_topk.block_topn(H, G, K, l, d, ls, n, dtype, K ** -0.5, **cfg)
     assert "__global__" in kern.get_kernel_source()
 
 

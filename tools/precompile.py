@@ -45,6 +45,7 @@ def nsa(H, G, K, V, l, d, ls, n, W, dtype, scale=None):
     scale = scale or K ** -0.5
     fams = compressed(H, G, K, V, l, d, dtype, scale) + selected(H, G, K, V, n, ls, dtype, scale)
     fams.append(("block_scores", (H, G, K, l, d, ls, dtype, scale)))
+    fams.append(("block_topn", (H, G, K, l, d, ls, n, dtype, scale)))
     return fams + (sliding(H, G, K, V, W, dtype, scale) if W > 0 else [])
 
 
@@ -70,6 +71,9 @@ def build(fam):
     elif name == "block_scores":
         H, G, K, l, d, ls, dtype, scale = args
         K_topk.block_scores(*args, **K_topk.pick_config(G, K, l, d, ls))
+    elif name == "block_topn":
+        H, G, K, l, d, ls, n, dtype, scale = args
+        K_topk.block_topn(*args, **K_topk.pick_config(G, K, l, d, ls))
     else:
         raise ValueError(f"unknown kernel family {name!r}")
     return name
