@@ -24,22 +24,22 @@ from nsa_module.common import SeqInfo  # noqa: E402
 from nsa_module.compressed import compress_mean, compressed_layout  # noqa: E402
 from nsa_module.sliding import banded_bwd, banded_fwd  # noqa: E402
 
-# name: (rows, BN, num_stages of fwd/dQ, num_stages of dK/dV); "base" is the configuration before
-# issue 14 (validated over the gpu grids), the first variant the others are compared with
+# name: (rows, BN, num_stages of fwd/dQ, dK/dV options); "base" is the configuration before issue 14
+# (validated over the gpu grids), the first variant the others are compared with
 VARIANTS = {
-    "base": (64, 64, 1, 1),
-    "r64s2": (64, 64, 2, 2),
-    "r128": (128, 64, 1, 1),
-    "r128s2": (128, 64, 2, 2),
-    "r128b128": (128, 128, 1, 1),
-    "r128b128s2": (128, 128, 2, 2),
+    "base": (64, 64, 1, dict(num_stages=1)),
+    "r64s2": (64, 64, 2, dict(num_stages=2)),
+    "r128": (128, 64, 1, dict(num_stages=1)),
+    "r128s2": (128, 64, 2, dict(num_stages=2)),
+    "r128b128s2": (128, 128, 2, dict(num_stages=2)),
+    "r128s2-dkv128": (128, 64, 2, dict(num_stages=2, BN=128, threads=256)),
 }
 
 
 def use_variant(v):
-    rows, BN, ns, ns_dkv = VARIANTS[v]
+    rows, BN, ns, dkv = VARIANTS[v]
     K_swa.pick_config = functools.partial(ORIG_PICK, rows=rows, BN=BN, num_stages=ns)
-    K_swa.pick_dkv_config = functools.partial(ORIG_PICK_DKV, num_stages=ns_dkv)
+    K_swa.pick_dkv_config = functools.partial(ORIG_PICK_DKV, **dkv)
 
 
 ORIG_PICK, ORIG_PICK_DKV = K_swa.pick_config, K_swa.pick_dkv_config
@@ -148,7 +148,7 @@ def main():
                 ms_f, ms_b = bench_ms(fwd, rep=100), bench_ms(bwd, rep=100)
                 print(f"  {br} {var} T={T}: fwd {ms_f:.3f} ms ({flop / ms_f / 1e9:.0f} TFLOP/s), "
                       f"bwd {ms_b:.3f} ms ({2.5 * flop / ms_b / 1e9:.0f} TFLOP/s)", flush=True)
-                rows += [dict(T=T, branch=br, variant=var, config=VARIANTS[var], errs=errs, fwd_ms=ms_f, bwd_ms=ms_b,
+                rows += [dict(T=T, branch=br, variant=var, config=str(VARIANTS[var]), errs=errs, fwd_ms=ms_f, bwd_ms=ms_b,
                               fwd_tflops=flop / ms_f / 1e9, bwd_tflops=2.5 * flop / ms_b / 1e9)]
                 del q, k, v, gate, do, fwd, bwd
                 torch.cuda.empty_cache()

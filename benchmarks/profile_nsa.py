@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_ms  # noqa: E402
+from benchmarks.common import attention_flops, bench_ms  # noqa: E402
 from kernels.sliding import W_CAP  # noqa: E402
 from nsa_module.common import SeqInfo  # noqa: E402
 from nsa_module.compressed import compress_mean, compressed_layout  # noqa: E402
@@ -52,8 +52,16 @@ def main():
             "select (fp32 top-(n+1))": lambda: select_from_masked(s, a.n),
             "select exact int64 (all rows)": lambda: _select_exact(s.view(-1, s.shape[-1]), a.n),
         }
+        # useful FLOPs: a query sees floor((t - l + 1) / d) + 1 compressed keys
+        t = torch.arange(T, dtype=torch.float64)
+        keys = float(torch.clamp(torch.floor((t - a.l + 1) / a.d) + 1, min=0).mean())
+        flops = {"compressed fwd": attention_flops(T, a.G * a.H, a.K, a.K, keys),
+                 "block_scores": attention_flops(T, a.G * a.H, a.K, 0, keys)}  # QKᵀ only
+        flops["select on chip (block_topn: scores + top-n)"] = flops["block_scores"]
         for name, fn in steps.items():
-            print(f"T={T} {name}: {bench_ms(fn, rep=100):.3f} ms", flush=True)
+            ms = bench_ms(fn, rep=100)
+            rate = f" ({flops[name] / ms / 1e9:.0f} TFLOP/s)" if name in flops else ""
+            print(f"T={T} {name}: {ms:.3f} ms{rate}", flush=True)
         del q, k, v, s
         torch.cuda.empty_cache()
 

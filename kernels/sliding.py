@@ -46,7 +46,7 @@ def pick_config(G: int, K: int, V: int, rows: int = 0, BN: int = 64, num_stages:
     return dict(BM=BM, M=M, BN=BN, threads=32 * (M // 16), num_stages=num_stages)
 
 
-def pick_dkv_config(G: int, K: int, V: int, num_stages: int = 0) -> dict:
+def pick_dkv_config(G: int, K: int, V: int, num_stages: int = 0, BN: int = 64, threads: int = 0) -> dict:
     """Tile choices of the dK/dV kernel: BN = 64 key rows, M = 64 query rows (BM = 64 // G tokens)
     per step. num_stages 2 (the next step's Q/dO rows loaded while this one computes) when G is a
     power of two; otherwise 1: TileLang 0.1.15 then cannot prove the gathered rows' 16-byte
@@ -54,8 +54,8 @@ def pick_dkv_config(G: int, K: int, V: int, num_stages: int = 0) -> dict:
     `[BN, V]` fp32 accumulators fit 4 warps owning 16 rows each up to K = V = 192; at 256 they
     split columns over 8 warps (P and dS then go through shared memory)."""
     num_stages = num_stages or (2 if G & (G - 1) == 0 else 1)
-    cfg = pick_config(G, K, V, rows=64, num_stages=num_stages)
-    cfg["threads"] = 256 if max(K, V) >= 256 else 128
+    cfg = pick_config(G, K, V, rows=64, BN=BN, num_stages=num_stages)
+    cfg["threads"] = threads or (256 if max(K, V) >= 256 else 128)
     return cfg
 
 
