@@ -28,32 +28,32 @@ from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16, pipelined
 W_CAP = 1 << 30
 
 
-def pick_config(G: int, K: int, V: int, rows: int = 0, BN: int = 64, num_stages: int = 2) -> dict:
+def pick_config(G: int, K: int, V: int, rows: int = 64, BN: int = 64, num_stages: int = 1) -> dict:
     """Tile choices of the forward and dQ kernels.
 
     M rows = BM tokens × G heads, BM = rows // G (at least 1), padded to 16; one warp per 16 rows
-        (FullRow, so P and dS stay in registers between MMAs). rows: 128 up to K = V = 128 (each
-        K/V tile then serves twice the rows of 64, half the L2 traffic per FLOP), 64 beyond (the
-        fp32 output accumulator and the double-buffered tiles must still fit).
-    BN: keys per step.
-    num_stages: 2, double-buffered K/V tiles issued a whole step ahead (common.pipelined); 1 is
-        TileLang's single-buffered schedule.
-    docs/perf-notes.md (issue 14) has the measurements behind these.
+        (FullRow, so P and dS stay in registers between MMAs): 64 rows, 4 warps, one warpgroup.
+    BN: 64 keys per step.
+    num_stages: 1, TileLang's single-buffered schedule (each tile's load is issued as soon as its
+        buffer's last reader is done, so it overlaps the rest of the step); 2 double-buffers the
+        K/V tiles a whole step ahead (common.pipelined).
+    Measured on the H200 (docs/perf-notes.md, issue 14): 128 rows and num_stages 2 each made the
+    forward 1.3–1.5× slower and the backward a little slower; these defaults are the fastest tried.
     """
-    rows = rows or (128 if max(K, V) <= 128 else 64)
     BM = max(1, rows // G)
     M = pad16(BM * G)
     return dict(BM=BM, M=M, BN=BN, threads=32 * (M // 16), num_stages=num_stages)
 
 
-def pick_dkv_config(G: int, K: int, V: int, num_stages: int = 0, BN: int = 64, threads: int = 0) -> dict:
+def pick_dkv_config(G: int, K: int, V: int, num_stages: int = 1, BN: int = 64, threads: int = 0) -> dict:
     """Tile choices of the dK/dV kernel: BN = 64 key rows, M = 64 query rows (BM = 64 // G tokens)
-    per step. num_stages 2 (the next step's Q/dO rows loaded while this one computes) when G is a
-    power of two; otherwise 1: TileLang 0.1.15 then cannot prove the gathered rows' 16-byte
-    alignment and emits 2-byte cp.async copies, which do not compile. Its dK `[BN, K]` + dV
-    `[BN, V]` fp32 accumulators fit 4 warps owning 16 rows each up to K = V = 192; at 256 they
-    split columns over 8 warps (P and dS then go through shared memory)."""
-    num_stages = num_stages or (2 if G & (G - 1) == 0 else 1)
+    per step. Its dK `[BN, K]` + dV `[BN, V]` fp32 accumulators fit 4 warps owning 16 rows each up to
+    K = V = 192; at 256 they split columns over 8 warps (P and dS then go through shared memory).
+    num_stages 2 (the next step's Q/dO rows loaded during this one) measured no faster; it compiles
+    only for a power-of-two G (otherwise TileLang 0.1.15 cannot prove the gathered rows' 16-byte
+    alignment and emits 2-byte cp.async copies)."""
+    if num_stages > 1 and G & (G - 1):
+        raise ValueError(f"double-buffered dK/dV needs a power-of-two G, got {G}")
     cfg = pick_config(G, K, V, rows=64, BN=BN, num_stages=num_stages)
     cfg["threads"] = threads or (256 if max(K, V) >= 256 else 128)
     return cfg
