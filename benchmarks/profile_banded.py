@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import attention_flops, bench_ms  # noqa: E402
+from benchmarks.common import attention_flops, bench_ms, commit  # noqa: E402
 from kernels import sliding as K_swa  # noqa: E402
 from nsa_module.common import SeqInfo  # noqa: E402
 from nsa_module.compressed import compress_mean, compressed_layout  # noqa: E402
@@ -124,7 +124,7 @@ def main():
     dev, dt = "cuda", torch.bfloat16
     name = torch.cuda.get_device_name()
     print(name, f"G={a.G} H={a.H} K=V={a.K} l={a.l} d={a.d} W={a.W}", flush=True)
-    rows = []
+    rows, checks = [], {}
     # hostile packing: short sequences around every tile edge, then the rest
     from tests.utils import hostile_cu
     cu = hostile_cu(3000, 16, 32, 64, 128, 8, device=dev)
@@ -148,14 +148,19 @@ def main():
                 ms_f, ms_b = bench_ms(fwd, rep=100), bench_ms(bwd, rep=100)
                 print(f"  {br} {var} T={T}: fwd {ms_f:.3f} ms ({flop / ms_f / 1e9:.0f} TFLOP/s), "
                       f"bwd {ms_b:.3f} ms ({2.5 * flop / ms_b / 1e9:.0f} TFLOP/s)", flush=True)
-                rows += [dict(T=T, branch=br, variant=var, config=str(VARIANTS[var]), errs=errs, fwd_ms=ms_f, bwd_ms=ms_b,
-                              fwd_tflops=flop / ms_f / 1e9, bwd_tflops=2.5 * flop / ms_b / 1e9)]
+                # the results schema (benchmarks/common.py): fwdbwd = fwd + bwd, timed apart
+                prov = f"{br} {var}"
+                checks[prov] = errs
+                rows += [dict(T=T, provider=prov, ms=ms_f, tflops=flop / ms_f / 1e9, **{"pass": "fwd"}),
+                         dict(T=T, provider=prov, ms=ms_f + ms_b, bwd_ms=ms_b, tflops=3.5 * flop / (ms_f + ms_b) / 1e9,
+                              **{"pass": "fwdbwd"})]
                 del q, k, v, gate, do, fwd, bwd
                 torch.cuda.empty_cache()
     use_variant(a.variants[0])
     if a.out:
         with open(os.path.join(a.out, "profile_banded.json"), "w") as f:
-            json.dump({"device": name, "config": vars(a), "rows": rows}, f, indent=1)
+            config = dict(vars(a), tiles={v: str(VARIANTS[v]) for v in a.variants}, packed_worst_row_vs_base=checks)
+            json.dump({"device": name, "commit": commit(), "config": config, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
