@@ -4,7 +4,7 @@ time, TFLOP/s on the useful FLOPs, and agreement with the first configuration (t
     python benchmarks/profile_banded.py [--T 65536] [--variants base r128 r128s2 ...] [--out DIR]
 
 A variant is (rows, BN, num_stages) of the forward and dQ kernels plus num_stages of the dK/dV
-kernels (kernels/sliding.py: pick_config, pick_dkv_config). Each variant also runs a packed batch
+kernels (kernels/banded.py: pick_config, pick_dkv_config). Each variant also runs a packed batch
 of hostile lengths, compared with the first variant row by row, so a configuration that breaks a
 sequence boundary shows here before the gpu tests run.
 """
@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import attention_flops, bench_ms, commit  # noqa: E402
-from kernels import sliding as K_swa  # noqa: E402
+from kernels import banded as K_band  # noqa: E402
 from nsa_module.common import SeqInfo  # noqa: E402
 from nsa_module.compressed import compress_mean, compressed_layout  # noqa: E402
-from nsa_module.sliding import banded_bwd, banded_fwd  # noqa: E402
+from nsa_module.banded import banded_bwd, banded_fwd  # noqa: E402
 
 # name: (rows, BN, num_stages of fwd/dQ, dK/dV options); "base" is the configuration before issue 14
 # (validated over the gpu grids), the first variant the others are compared with
@@ -38,11 +38,11 @@ VARIANTS = {
 
 def use_variant(v):
     rows, BN, ns, dkv = VARIANTS[v]
-    K_swa.pick_config = functools.partial(ORIG_PICK, rows=rows, BN=BN, num_stages=ns)
-    K_swa.pick_dkv_config = functools.partial(ORIG_PICK_DKV, **dkv)
+    K_band.pick_config = functools.partial(ORIG_PICK, rows=rows, BN=BN, num_stages=ns)
+    K_band.pick_dkv_config = functools.partial(ORIG_PICK_DKV, **dkv)
 
 
-ORIG_PICK, ORIG_PICK_DKV = K_swa.pick_config, K_swa.pick_dkv_config
+ORIG_PICK, ORIG_PICK_DKV = K_band.pick_config, K_band.pick_dkv_config
 
 
 def branch(name, T, l, d, W):
@@ -50,7 +50,7 @@ def branch(name, T, l, d, W):
     t = torch.arange(T, dtype=torch.float64)
     if name == "sliding":
         return W, 1, 0, float(torch.clamp(t + 1, max=W).mean())
-    return K_swa.W_CAP, d, l - 1, float(torch.clamp(torch.floor((t - l + 1) / d) + 1, min=0).mean())
+    return K_band.W_CAP, d, l - 1, float(torch.clamp(torch.floor((t - l + 1) / d) + 1, min=0).mean())
 
 
 def inputs(cu, T, H, G, Kd, dev, dt, seed=0):
@@ -87,7 +87,7 @@ def _build(fam):
     os.environ.setdefault("TILELANG_DEFAULT_TARGET", '{"kind": "cuda", "arch": "sm_90a"}')
     use_variant(var)
     Wk, KS, KC, _ = branch(br, 64, l, d, W)
-    K_swa.banded_kernels(H, G, Kd, Kd, Wk, KS, KC, "bfloat16", Kd ** -0.5)
+    K_band.banded_kernels(H, G, Kd, Kd, Wk, KS, KC, "bfloat16", Kd ** -0.5)
 
 
 def worst_row(x, ref):

@@ -1,7 +1,7 @@
 """Compressed attention on the TileLang kernels (NSA's first branch).
 
 Compressed key i of a sequence summarizes its tokens i·d … i·d+l-1 and is visible to token t iff
-i·d + l - 1 <= t: the banded kernels of kernels/sliding.py with strided keys (KS = d, KC = l - 1)
+i·d + l - 1 <= t: the banded kernels (kernels/banded.py) with strided keys (KS = d, KC = l - 1)
 and no window. The compression φ itself (mean pooling here) runs in torch: it is one cheap pass.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ from typing import Optional
 
 import torch
 
-from kernels.sliding import W_CAP
+from kernels.banded import W_CAP
 from reference import compress_kv, num_compressed
 from reference.checks import check_gate, check_positive_int, check_tensor
 
 from .common import SeqInfo, check_cuda, check_kernel_dims, kernel_gate, kernel_ready, resolve_scale
-from .sliding import banded_bwd, banded_fwd
+from .banded import banded_bwd, banded_fwd
 
 
 @lru_cache(maxsize=16)

@@ -1,5 +1,6 @@
-"""The whole NSA attention in one call: compression, compressed attention, top-n selection, selected
-and sliding branches, gated and summed (paper Eq. 5), differentiable end to end."""
+"""The compositions of NSA's branches, gated and summed (paper Eq. 5), differentiable end to end:
+`nsa()` (compression, compressed attention, top-n selection, selected and sliding branches) and
+`selected_sliding_attention` (given block ids: selected + sliding)."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -98,3 +99,30 @@ def nsa_branches(q, kv_cmp, kv_slc, kv_swa, g_cmp, g_slc, g_swa, block_indices, 
     if window_size > 0:
         o = o + sliding_window_attention(q, *kv_swa, window_size, scale, cu_seqlens, g_swa)
     return o, block_indices
+
+
+def selected_sliding_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_counts: Union[None, int, torch.Tensor] = None,
+    block_size: int = 64,
+    window_size: int = 512,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    g_slc: Optional[torch.Tensor] = None,
+    g_swa: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""g_slc·o_slc + g_swa·o_swa: `reference.naive_nsa` on the kernels (arguments as in
+    `selected_attention` and `sliding_window_attention`; window_size 0 leaves the sliding branch
+    out). Two launches for now, one per branch; whether one fused launch is faster has not been
+    measured yet (docs/perf-notes.md). Every argument is checked before the first launch: the
+    sliding branch's own here, the rest by selected_attention before its kernel."""
+    W = check_positive_int(window_size, "window_size", minimum=0)
+    if isinstance(q, torch.Tensor) and q.dim() == 4:
+        check_gate(g_swa, "g_swa", *q.shape[:3], q)
+    o = selected_attention(q, k, v, block_indices, block_counts, block_size, scale, cu_seqlens, g_slc)
+    if W == 0:
+        return o
+    return o + sliding_window_attention(q, k, v, W, scale, cu_seqlens, g_swa)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reference as R
-from kernels import sliding as K_swa
+from kernels import banded as K_band
 from nsa_module import compress_mean, compressed_attention
 from reference.inputs import random_gates, random_qkv
 from tests.utils import assert_close, compressed_segments, hostile_cu, packed, rel_err, run_both, segments
@@ -39,9 +39,9 @@ def grid_id(c):
 
 @pytest.fixture(scope="module")
 def compiled_grid():
-    fams = {(c[1], c[0], c[2], c[3], K_swa.W_CAP, c[5], c[4] - 1, str(c[6])[6:], c[2] ** -0.5) for c in GRID}
+    fams = {(c[1], c[0], c[2], c[3], K_band.W_CAP, c[5], c[4] - 1, str(c[6])[6:], c[2] ** -0.5) for c in GRID}
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda f: K_swa.banded_kernels(*f), fams))
+        list(pool.map(lambda f: K_band.banded_kernels(*f), fams))
 
 
 def check_compressed(G, H, K, V, l, d, dtype, B, T, cu, seed=3):
@@ -93,7 +93,7 @@ FAMILIES = [(2, 16, 192, 128, 32, 16, "bfloat16"), (4, 1, 64, 64, 64, 64, "float
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f"compressed-H{f[0]}-G{f[1]}-K{f[2]}V{f[3]}-l{f[4]}d{f[5]}-{f[6]}")
 def test_compile_compressed(fam, sm90_target):
     H, G, K, V, l, d, dtype = fam
-    for kern in K_swa.banded_kernels(H, G, K, V, K_swa.W_CAP, d, l - 1, dtype, K ** -0.5):
+    for kern in K_band.banded_kernels(H, G, K, V, K_band.W_CAP, d, l - 1, dtype, K ** -0.5):
         assert "__global__" in kern.get_kernel_source()
 
 

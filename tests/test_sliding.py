@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import reference as R
-from kernels import sliding as K_swa
+from kernels import banded as K_band
 from nsa_module import selected_sliding_attention, sliding_window_attention
 from reference.inputs import random_block_counts, random_block_indices, random_gates, random_qkv
 from tests.utils import assert_close, hostile_cu, rel_err, run_both, segments
@@ -45,7 +45,7 @@ def grid_id(c):
 def compiled_grid():
     fams = {(c[1], c[0], c[2], c[3], min(c[4], 1 << 30), str(c[5])[6:], c[2] ** -0.5) for c in GRID}
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda f: K_swa.sliding_kernels(*f), fams))
+        list(pool.map(lambda f: K_band.sliding_kernels(*f), fams))
 
 
 def make_inputs(G, H, K, V, dtype, varlen, T, seed=0, sizes=()):
@@ -105,7 +105,7 @@ FAMILIES = [(2, 16, 128, 128, 512, "bfloat16"), (4, 1, 64, 64, 7, "float16"), (1
 @pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f"sliding-H{f[0]}-G{f[1]}-K{f[2]}V{f[3]}-W{f[4]}-{f[5]}")
 def test_compile_sliding(fam, sm90_target):
     H, G, K, V, W, dtype = fam
-    for kern in K_swa.sliding_kernels(H, G, K, V, W, dtype, K ** -0.5):
+    for kern in K_band.sliding_kernels(H, G, K, V, W, dtype, K ** -0.5):
         assert "__global__" in kern.get_kernel_source()
 
 

@@ -23,7 +23,7 @@ from kernels.common import SM90_TARGET  # noqa: E402
 os.environ.setdefault("TILELANG_DEFAULT_TARGET", SM90_TARGET)
 
 from kernels import selected as K_sel  # noqa: E402
-from kernels import sliding as K_swa  # noqa: E402
+from kernels import banded as K_band  # noqa: E402
 from kernels import topk as K_topk  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def sliding(H, G, K, V, W, dtype, scale=None):
 
 
 def compressed(H, G, K, V, l, d, dtype, scale=None):
-    return [("banded", (H, G, K, V, K_swa.W_CAP, d, l - 1, dtype, scale or K ** -0.5))]
+    return [("banded", (H, G, K, V, K_band.W_CAP, d, l - 1, dtype, scale or K ** -0.5))]
 
 
 def selected(H, G, K, V, S, BS, dtype, scale=None):
@@ -60,9 +60,9 @@ def decode(H, G, K, V, l, d, ls, n, W, capacities, dtype, scale=None):
 def build(fam):
     name, args = fam
     if name == "sliding":
-        K_swa.sliding_kernels(*args)
+        K_band.sliding_kernels(*args)
     elif name == "banded":
-        K_swa.banded_kernels(*args)
+        K_band.banded_kernels(*args)
     elif name == "selected":
         K_sel.selected_kernels(*args)
     elif name == "decode":
