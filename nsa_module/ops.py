@@ -21,11 +21,11 @@ from torch import Tensor
 import reference as R
 from kernels.banded import W_CAP
 
+from .banded import banded_bwd, banded_fwd
 from .common import SeqInfo, kernel_ready, prepare_block_indices
 from .compressed import compressed_layout
 from .decode import nsa_decode
 from .selected import selected_bwd, selected_fwd
-from .banded import banded_bwd, banded_fwd
 from .topk import select_blocks
 
 
