@@ -32,6 +32,20 @@ def pick_config(G: int, K: int, l: int, d: int, l_sel: int) -> dict:
     return dict(BM=BM, M=M, BN=BN, JT=JT, threads=32 * (M // 16))
 
 
+# what block_topn may use of an SM's 227 KB of shared memory, with room for TileLang's own
+TOPN_SMEM = 200 * 1024
+
+
+def topn_smem(G: int, K: int, l: int, d: int, l_sel: int, n: int) -> int:
+    """Bytes of shared memory block_topn allocates (its score tiles plus two candidate lists and
+    the kept top n per token, 8 bytes an entry): past TOPN_SMEM the launcher ranks a score matrix
+    instead (a large n with G = 1, whose tiles hold 64 tokens)."""
+    c = pick_config(G, K, l, d, l_sel)
+    BM, M, BN, JT = c["BM"], c["M"], c["BN"], c["JT"]
+    tiles = M * K * 2 + BN * K * 2 + M * BN * 4 + BM * BN * 4 + M * 4 + BM * JT * 4
+    return tiles + BM * (2 * n + JT) * 8
+
+
 @T.macro
 def load_tile(Q, LSE, Q_s, lse_s, i_b, i_h, t0, n_tok, Tq, G: int, M: int):
     """Q_s `[M, K]` and lse_s `[M]` of the tile's n_tok tokens × G heads (zero / +inf past them)."""

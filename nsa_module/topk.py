@@ -115,10 +115,14 @@ def select_from_scores(scores: torch.Tensor, n: int, l_sel: int, qseq: SeqInfo, 
 def select_blocks(q, k_cmp, lse_cmp, n: int, l: int, d: int, l_sel: int, scale: float,
                   qseq: SeqInfo, kseq: SeqInfo) -> torch.Tensor:
     """block_indices `[B, T, H, n]` (int32) chosen from the compressed attention (its LSE reused), on
-    chip: no score matrix, no host sync (kernels/topk.block_topn)."""
+    chip: no score matrix, no host sync (kernels/topk.block_topn). An n whose running lists would
+    not fit in shared memory (kernels/topk.topn_smem) takes the score matrix and the exact int64
+    ranking instead: the same ids, no host sync either."""
     B, T, HQ, Kd = q.shape
     H = k_cmp.shape[2]
     G = HQ // H
+    if K_topk.topn_smem(G, Kd, l, d, l_sel, n) > K_topk.TOPN_SMEM:
+        return select_from_masked(block_scores(q, k_cmp, lse_cmp, l, d, l_sel, scale, qseq, kseq), n, fast=False)
     ids = empty(B, T, H, n, dtype=torch.int32, device=q.device)
     cfg = K_topk.pick_config(G, Kd, l, d, l_sel)
     tiles = query_tiles(tuple(qseq.lengths), cfg["BM"], str(q.device))

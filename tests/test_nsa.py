@@ -108,7 +108,9 @@ def test_topn_on_chip_equals_ranking_of_its_scores(case, poison_outputs):
         assert bad.numel() == 0, f"n={n_sel}: {bad.shape[0]} rows differ, first {bad[:3].tolist()}"
 
 
-FAMILIES = [(2, 16, 192, 32, 16, 64, 16, "bfloat16"), (4, 1, 64, 64, 64, 64, 5, "float16")]
+# the last: the largest top-n lists block_topn takes at G = 1 (188 KB of shared memory)
+FAMILIES = [(2, 16, 192, 32, 16, 64, 16, "bfloat16"), (4, 1, 64, 64, 64, 64, 5, "float16"),
+            (1, 1, 256, 32, 16, 64, 64, "bfloat16")]
 
 
 @pytest.mark.compile
@@ -136,6 +138,16 @@ def test_select_from_scores_equals_reference(T, ls, n, varlen, ties, fast):
     scores = torch.randint(0, 4, (B, T, 3, NS), generator=g).float() if ties else torch.rand(B, T, 3, NS, generator=g)
     ref = R.select_blocks(scores, n, ls, cu)
     assert torch.equal(select_from_scores(scores, n, ls, SeqInfo.build(cu, B, T, scores), fast), ref.int())
+
+
+def test_topn_falls_back_to_the_score_matrix_only_past_shared_memory():
+    """The paper's n = 16 selects on chip at every G and head size; n = 128 at G = 1 (tiles of 64
+    tokens, 2·128 kept entries each) would not fit and ranks a score matrix instead."""
+    for G in (1, 2, 3, 16, 64, 128):
+        for K in (64, 128, 192, 256):
+            assert K_topk.topn_smem(G, K, 32, 16, 64, 16) <= K_topk.TOPN_SMEM
+    assert K_topk.topn_smem(1, 256, 32, 16, 64, 64) <= K_topk.TOPN_SMEM
+    assert K_topk.topn_smem(1, 128, 32, 16, 64, 128) > K_topk.TOPN_SMEM
 
 
 def test_query_tiles_never_straddle_sequences():
