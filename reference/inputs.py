@@ -88,6 +88,47 @@ def random_block_indices(
     return out
 
 
+def local_block_indices(
+    B: int,
+    T: int,
+    H: int,
+    S: int,
+    block_size: int,
+    device="cpu",
+    seed: int = 5,
+    run: int = 64,
+    noise: float = 0.1,
+) -> torch.Tensor:
+    """Block ids `[B, T, H, S]` (int32) as a trained NSA model tends to choose them: neighbouring
+    tokens pick mostly the same blocks (one sequence per batch row).
+
+    A synthetic model: each (batch row, kv head) has a fixed importance per block, Zipf-like (a few
+    blocks matter to everyone, most little), plus a small fresh perturbation every `run` tokens
+    (`noise`, relative to the spread of importances). The scores go through the selection rule
+    (`naive.select_blocks`: block 0 and the two local blocks forced, then the S - 3 most important
+    blocks visible to the token, ascending, -1 padding). Tokens of one run and one selection block
+    share their ids exactly; the set drifts slowly from run to run, as attention to a long context
+    does, instead of being drawn afresh per token as random_block_indices draws it.
+    """
+    from .naive import select_blocks
+
+    NB = math.ceil(T / block_size)
+    g = make_generator(seed, device)
+    rank = torch.rand(B, 1, H, NB, generator=g, device=device).argsort(-1).argsort(-1).float()
+    importance = 1.0 / (1.0 + rank)  # Zipf over a random order of the blocks
+    n_runs = math.ceil(T / run)
+    out = torch.empty(B, T, H, S, dtype=torch.int32, device=device)
+    runs_per_chunk = max(1, (1 << 22) // max(1, B * H * NB * run))
+    for r0 in range(0, n_runs, runs_per_chunk):
+        r1 = min(n_runs, r0 + runs_per_chunk)
+        t0, t1 = r0 * run, min(T, r1 * run)
+        jitter = torch.rand(B, r1 - r0, H, NB, generator=g, device=device) * noise * importance
+        score = (importance + jitter).repeat_interleave(run, dim=1)[:, : t1 - t0]
+        pos = torch.arange(t0, t1, device=device)
+        out[:, t0:t1] = select_blocks(score, S, block_size, positions=pos).to(torch.int32)
+    return out
+
+
 def _make_hostile(ids, pos, lens, block_size, fraction, g):
     B, T, H, S = ids.shape
     dev = ids.device

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import reference as R
-from reference.inputs import random_block_counts, random_block_indices, random_cu_seqlens, random_gates, random_qkv
+from reference.inputs import (local_block_indices, random_block_counts, random_block_indices, random_cu_seqlens,
+                              random_gates, random_qkv)
 from tests.brute import brute_compress_mean, brute_nsa, brute_selection
 
 
@@ -59,6 +60,29 @@ def test_hostile_ids_really_are_hostile():
     assert (idx * BS >= T).any(), "ids past the last block"
     srt = idx.sort(-1).values
     assert ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any(), "duplicates"
+
+
+def test_local_ids_are_valid_selections_that_neighbours_share():
+    """bench_selected's second distribution: every row a legal selection (the forced blocks, no
+    block after the token, ascending, distinct, -1 padding last), and tokens next to each other
+    choosing nearly the same blocks, unlike the random ids."""
+    T, H, S, BS = 3000, 2, 16, 64
+    idx = local_block_indices(2, T, H, S, BS, seed=1).long()
+    cur = (torch.arange(T) // BS).view(1, T, 1, 1)
+    valid = idx >= 0
+    assert ((idx <= cur) | ~valid).all()
+    assert (idx == 0).any(-1).all() and (idx == cur).any(-1).all()
+    assert ((idx == cur - 1).any(-1) | (cur[..., 0] == 0)).all()
+    assert (valid[..., 1:] <= valid[..., :-1]).all(), "-1 only after the ids"
+    assert ((idx[..., 1:] > idx[..., :-1]) | ~valid[..., 1:]).all(), "ascending and distinct"
+    assert valid.sum(-1).eq(torch.clamp(cur[..., 0] + 1, max=S)).all(), "as many ids as visible blocks allow"
+
+    def shared(x):  # mean fraction of a token's ids that the previous token also chose, past 2048
+        a, b = x[:, 2049:], x[:, 2048:-1]  # (early on, with few blocks visible, any two picks overlap)
+        same = ((a.unsqueeze(-1) == b.unsqueeze(-2)) & (a.unsqueeze(-1) >= 0)).any(-1).sum(-1)
+        return (same.float() / (a >= 0).sum(-1).clamp_min(1)).mean().item()
+    assert shared(idx) > 0.95
+    assert shared(random_block_indices(2, T, H, S, BS, seed=1).long()) < 0.5
 
 
 def test_head_first_layout():
