@@ -106,7 +106,8 @@ def main():
             rows += bench_one(T, B, args.providers)
             torch.cuda.empty_cache()
     config = dict(HQ=HQ, H=H, K=K, V=V, l=L, d=D, block_size=LS, n=N_SEL, W=W, dtype="bfloat16",
-                  ours="nsa_decode, 3 kernels, CUDA graph replay (ours_eager: launched from Python)", sdpa="one query over the full cache, enable_gqa=True")
+                  ours="nsa_decode, 3 kernels, CUDA graph replay (ours_eager: launched from Python)",
+                  sdpa="one query over the full cache, enable_gqa=True")
     path = write_results(args.out, device, config, rows)
     labeled = [dict(r, provider=f"{r['provider']} B={r['B']}") for r in rows]
     print_table(labeled, f"decode step ({device})")

@@ -42,8 +42,9 @@ def online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, GP, BN, V):
     """One FlashAttention step on a masked score tile acc_s `[GP, BN]` (raw q·k, -inf where masked).
 
     Keeps the running max m, the running sum l (both per row, base 2 with the scale sc folded in)
-    and rescales acc_o `[GP, V]`; acc_s leaves holding the tile's unnormalized probabilities. A row whose tile is fully masked and has seen nothing stays at
-    m = -inf, l = 0: the guard keeps exp2(-inf - -inf) out, so such a row ends at 0, never NaN.
+    and rescales acc_o `[GP, V]`; acc_s leaves holding the tile's unnormalized probabilities. A row
+    whose tile is fully masked and has seen nothing stays at m = -inf, l = 0: the guard keeps
+    exp2(-inf - -inf) out, so such a row ends at 0, never NaN.
     """
     T.copy(m, m_prev)
     T.reduce_max(acc_s, m, dim=1, clear=False)

@@ -5,7 +5,8 @@
     o_slc, o_swa   = attend(q, the n selected blocks), attend(q, the sliding ring)
     o              = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa    # LSE merge of the partials
 
-Three launches (four past FUSE_SELECT_MAX_BLOCKS blocks: the selection on its own), no host sync, nothing read back: a step can be captured in a CUDA graph. Semantics
+Three launches (four past FUSE_SELECT_MAX_BLOCKS blocks: the selection on its own), no host sync,
+nothing read back: a step can be captured in a CUDA graph. Semantics
 are the reference's (reference/naive.py with `positions`): the new token is at position
 t = length - 1 of its sequence and already in the caches.
 """

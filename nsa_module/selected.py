@@ -1,7 +1,8 @@
 """Selected-block attention on the TileLang kernels: launchers, the autograd Function, the public op.
 
 The gate is fused: the forward writes the branch output (kept for the backward) and gate·output;
-the dQ kernel also gives the gate's gradient. Backward design: dQ is query-centric (one program per token and kv head, like the forward). dK/dV
+the dQ kernel also gives the gate's gradient. Backward design: dQ is query-centric (one program
+per token and kv head, like the forward). dK/dV
 are key-centric over a two-pass inverted index (no atomics): pass one (torch, here) sorts every
 (token, kv head, slot) that really reads a block by (batch, kv head, block) into a CSR list; pass
 two (the dkv kernel) gives each key tile one program that walks the tokens that selected it and

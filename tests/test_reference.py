@@ -34,7 +34,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("case", CASES, ids=[f"G{c[2] // c[3]}-T{c[1]}-S{c[6]}-BS{c[7]}-W{c[8]}-{c[9]}-{'varlen' if c[10] else 'fixed'}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"G{c[2] // c[3]}-T{c[1]}-S{c[6]}-BS{c[7]}-W{c[8]}-{c[9]}-"
+                                              f"{'varlen' if c[10] else 'fixed'}" for c in CASES])
 def test_naive_nsa_matches_brute_force(case, dtype):
     B, T, HQ, H, K, V, S, BS, W, counts, varlen = case
     q, k, v = random_qkv(B, T, HQ, H, K, V, dtype=dtype, seed=T)

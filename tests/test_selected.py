@@ -261,9 +261,11 @@ def _cpu_args(**over):
 
 BAD = [
     ("cpu tensors", {}, ValueError, "CUDA"),
-    ("float32", dict(q=torch.randn(1, 64, 4, 64), k=torch.randn(1, 64, 2, 64), v=torch.randn(1, 64, 2, 64)), TypeError, "float16 or bfloat16"),
+    ("float32", dict(q=torch.randn(1, 64, 4, 64), k=torch.randn(1, 64, 2, 64), v=torch.randn(1, 64, 2, 64)), TypeError,
+     "float16 or bfloat16"),
     ("mixed dtypes", dict(k=torch.randn(1, 64, 2, 64, dtype=torch.float16)), TypeError, "one dtype"),
-    ("K not a multiple of 16", dict(q=torch.randn(1, 64, 4, 72, dtype=torch.bfloat16), k=torch.randn(1, 64, 2, 72, dtype=torch.bfloat16)), ValueError, "multiple of 16"),
+    ("K not a multiple of 16", dict(q=torch.randn(1, 64, 4, 72, dtype=torch.bfloat16),
+                                    k=torch.randn(1, 64, 2, 72, dtype=torch.bfloat16)), ValueError, "multiple of 16"),
     ("V too large", dict(v=torch.randn(1, 64, 2, 512, dtype=torch.bfloat16)), ValueError, "V"),
     ("block size 48", dict(block_size=48), ValueError, "block_size must be 16, 32"),
     ("float ids", dict(block_indices=torch.zeros(1, 64, 2, 2)), TypeError, "integer dtype"),

@@ -121,7 +121,8 @@ BAD = [
     ("window 0", dict(window_size=0), ValueError, "window_size"),
     ("float window", dict(window_size=16.0), TypeError, "window_size"),
     ("gate shape", dict(g_swa=torch.rand(1, 64, 3)), ValueError, "g_swa"),
-    ("float32", dict(q=torch.randn(1, 64, 4, 64), k=torch.randn(1, 64, 2, 64), v=torch.randn(1, 64, 2, 64)), TypeError, "float16 or bfloat16"),
+    ("float32", dict(q=torch.randn(1, 64, 4, 64), k=torch.randn(1, 64, 2, 64), v=torch.randn(1, 64, 2, 64)), TypeError,
+     "float16 or bfloat16"),
     ("bad cu_seqlens", dict(cu_seqlens=torch.tensor([0, 10, 10, 64])), ValueError, "strictly increasing"),
 ]
 
