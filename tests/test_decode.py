@@ -7,28 +7,7 @@ import reference as R
 from kernels import decode as K_dec
 from nsa_module.decode import decode_reads, nsa_decode
 from reference import naive as RN
-from tests.utils import assert_close
-
-
-def make_caches(N, H, HQ, K, V, l, d, W, lengths, dtype, device, cap_pad=37, seed=0):
-    """Random caches as a prefill would leave them: raw keys/values of `lengths` tokens (capacity a
-    little larger), the compressed stream of (length - l) // d + 1 tokens and the ring's last W."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    CAP = max(lengths) + cap_pad
-    num_cmp = [0 if t < l else (t - l) // d + 1 for t in lengths]
-    k, v = rnd(N, CAP, H, K), rnd(N, CAP, H, V)
-    kc, vc = rnd(N, max(num_cmp) + 3, H, K), rnd(N, max(num_cmp) + 3, H, V)
-    ring = None
-    if W > 0:
-        kw, vw = torch.zeros(N, W, H, K, device=device, dtype=dtype), torch.zeros(N, W, H, V, device=device, dtype=dtype)
-        for n, t in enumerate(lengths):
-            for c in range(max(0, t - W), t):  # token c lives in slot c % W
-                kw[n, c % W], vw[n, c % W] = k[n, c], v[n, c]
-        ring = (kw, vw)
-    q = rnd(N, HQ, K)
-    gates = tuple(torch.rand(N, HQ, generator=g).to(device=device, dtype=dtype) for _ in range(3))
-    return q, (k, v), (kc, vc), num_cmp, ring, gates
+from tests.utils import assert_close, check_selection, make_caches
 
 
 def reference_decode(q, kv, ckv, num_cmp, gates, lengths, l, d, ls, n, W, scale):
@@ -109,7 +88,6 @@ def test_nsa_decode_selection_rounds_path(poison_outputs, monkeypatch):
 
 
 def check_decode_case(case):
-    from tests.test_nsa import check_selection
     G, H, K, V, l, d, ls, n, W, dtype, lengths = case
     N, HQ, dev = len(lengths), G * H, "cuda"
     scale = K ** -0.5

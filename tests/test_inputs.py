@@ -13,7 +13,7 @@ from nsa_module import (NativeSparseAttention, compress_mean, compressed_attenti
                         selected_sliding_attention, sliding_window_attention)
 from nsa_module.common import KERNEL_ALIGN, SeqInfo, kernel_ready, prepare_block_indices
 from reference.inputs import random_block_indices, random_gates, random_qkv
-from tests.utils import packed
+from tests.utils import make_caches, packed
 
 
 def misaligned(x: torch.Tensor) -> torch.Tensor:
@@ -227,7 +227,6 @@ def test_gpu_nsa_given_fewer_ids_than_16_uses_all_slots():
 
 @pytest.mark.gpu
 def test_gpu_decode_misaligned_inputs():
-    from tests.test_decode import make_caches
     from nsa_module.decode import nsa_decode
     lengths = [300, 1, 77]
     q, kv, ckv, num_cmp, ring, gates = make_caches(3, 2, 8, 64, 64, 32, 16, 64, lengths, torch.bfloat16, "cuda")

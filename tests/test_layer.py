@@ -8,7 +8,7 @@ import reference as R
 from nsa_module.cache import RingBuffer
 from nsa_module.layer import NativeSparseAttention
 from reference.inputs import random_cu_seqlens
-from tests.utils import check_segments, hostile_cu, rel_err, segments
+from tests.utils import LAYER_DECODE, check_segments, hostile_cu, rel_err, segments
 
 SMALL = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, compress_block=8, compress_stride=4,
              block_size=8, block_counts=3, window_size=6)
@@ -127,10 +127,6 @@ def test_bad_decode_input_raises():
 
 
 # the gpu tests' layer: G = 8, K = V = 64, paper block sizes, a window
-DEC = dict(hidden_size=256, num_heads=16, num_kv_heads=2, head_dim=64, compress_block=32, compress_stride=16,
-           block_size=64, block_counts=4, window_size=64)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("varlen", [False, True], ids=["B1", "packed"])
 def test_layer_kernels_match_reference_path(varlen):
@@ -141,7 +137,7 @@ def test_layer_kernels_match_reference_path(varlen):
     compared sequence by sequence. Not row by row: each side chooses its own blocks, and a near-tie
     in the block scores may go either way, changing that row's selected branch."""
     torch.manual_seed(0)
-    m = NativeSparseAttention(**DEC).cuda().to(torch.bfloat16)
+    m = NativeSparseAttention(**LAYER_DECODE).cuda().to(torch.bfloat16)
     m_ref = copy.deepcopy(m)
     m_ref._use_kernels = lambda x: False
     T = 700
@@ -159,7 +155,7 @@ def test_decode_kernels_equal_full_forward():
     """bf16 on CUDA: prefill 100 tokens, decode 200 more one by one on the decode kernels; the
     outputs equal one full forward over the same 300 tokens (all three branches, top-n included)."""
     torch.manual_seed(0)
-    m = NativeSparseAttention(**DEC).cuda().to(torch.bfloat16)
+    m = NativeSparseAttention(**LAYER_DECODE).cuda().to(torch.bfloat16)
     x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
     y_full, _ = m(x)
     P = 100
@@ -174,7 +170,7 @@ def test_decode_kernels_match_reference_decode_uneven_lengths():
     """Sequences of 70 and 130 prompt tokens (a varlen prefill), then 60 steps: the kernel decode
     against the same bf16 module decoding on the reference functions; equal read counts."""
     torch.manual_seed(1)
-    m = NativeSparseAttention(**DEC).cuda().to(torch.bfloat16)
+    m = NativeSparseAttention(**LAYER_DECODE).cuda().to(torch.bfloat16)
     m_ref = copy.deepcopy(m)
     m_ref._use_kernels = lambda x: False
     prompt = torch.randn(1, 200, 256, device="cuda", dtype=torch.bfloat16)

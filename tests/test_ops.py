@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from nsa_module import ops  # noqa: F401  (registers the ops)
 from nsa_module.layer import NativeSparseAttention
-from tests.utils import rel_err
+from tests.utils import LAYER_DECODE, rel_err
 
 SMALL = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, compress_block=8, compress_stride=4,
              block_size=8, block_counts=3, window_size=6)
@@ -80,14 +80,13 @@ def test_two_layer_model_compiles_whole_on_gpu():
     1e-2, or 1.5 times eager's where eager's own is larger)."""
     import copy
 
-    from tests.test_layer import DEC
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = TwoLayers(**DEC).cuda().to(torch.bfloat16)
+    model = TwoLayers(**LAYER_DECODE).cuda().to(torch.bfloat16)
     ref = copy.deepcopy(model).float()
     for a in ref.attn:
         a._use_kernels = lambda x: False
-    x = torch.randn(2, 300, DEC["hidden_size"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 300, LAYER_DECODE["hidden_size"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     x_ref = x.detach().float().requires_grad_()
     names = ["x"] + [n for n, _ in model.named_parameters()]
 

@@ -17,8 +17,8 @@ from kernels import selected as K_sel
 from nsa_module import selected_attention
 from nsa_module.common import SeqInfo, prepare_block_indices
 from nsa_module.selected import block_pairs
-from reference.inputs import random_block_counts, random_block_indices, random_cu_seqlens, random_gates, random_qkv
-from tests.utils import assert_close, hostile_cu, rel_err, run_both, segments
+from reference.inputs import random_block_counts, random_block_indices, random_cu_seqlens, random_qkv
+from tests.utils import assert_close, rel_err, run_both, segments, selected_case, selected_grads
 
 
 # G, H, K, V, BS, S, dtype, counts, varlen, T
@@ -58,19 +58,6 @@ def compiled_grid():
         list(pool.map(lambda f: K_sel.selected_kernels(*f), fams))
 
 
-def make_case(G, H, K, V, BS, S, dtype, counts, varlen, T, device="cuda", adversarial=0.3, seed=0):
-    B = 1 if varlen else 2
-    # varlen: short sequences around the block size, the key tile (min(BS, 64)) and 16, 1-token ones
-    # between them (block ends fall inside key tiles of the dK/dV kernel, which reads a block's last
-    # tile past its sequence's end), then one of the rest
-    cu = hostile_cu(T, *(b for b in (BS, min(BS, 64), 16) if b <= 64), device=device) if varlen else None
-    q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device=device, seed=seed)
-    idx = random_block_indices(B, T, H, S, BS, cu_seqlens=cu, device=device, seed=seed, adversarial=adversarial)
-    bc = {None: None, "int": max(1, S - 1), "tensor": random_block_counts(B, T, H, S, device=device, seed=seed)}[counts]
-    g = random_gates(B, T, G * H, dtype=dtype, device=device, seed=seed)
-    return q, k, v, g, idx, bc, cu
-
-
 def run_selected(q, k, v, g, idx, bc, cu, BS, scale=None):
     """(ours, float32 reference, low-precision reference): outputs and gradients of q, k, v, g."""
     return run_both(lambda q, k, v, g: selected_attention(q, k, v, idx, bc, BS, scale, cu, g),
@@ -82,32 +69,25 @@ def run_selected(q, k, v, g, idx, bc, cu, BS, scale=None):
 @pytest.mark.parametrize("case", GRID, ids=[grid_id(c) for c in GRID])
 def test_selected_matches_reference(case, compiled_grid, poison_outputs):
     G, H, K, V, BS, S, dtype, counts, varlen, T = case
-    q, k, v, g, idx, bc, cu = make_case(*case)
+    q, k, v, g, idx, bc, cu = selected_case(*case)
     ours, ref, lp = run_selected(q, k, v, g, idx, bc, cu, BS)
     assert_close(ours, ref, lp, ["o", "dq", "dk", "dv", "dg"], dtype, segments(q.shape[0], T, cu))
-
-
-def grads(q, k, v, g, idx, bc, BS, do, cu=None):
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
-    o = selected_attention(*leaves[:3], idx, bc, BS, None, cu, leaves[3])
-    o.backward(do)
-    return [o] + [x.grad for x in leaves]
 
 
 @pytest.mark.gpu
 def test_selected_block_counts_equal_truncated_indices(poison_outputs):
     """block_counts < S must mean the same in forward and backward: the first c slots alone."""
-    q, k, v, g, idx, _, _ = make_case(16, 2, 128, 128, 64, 16, torch.bfloat16, None, False, 600, seed=3)
+    q, k, v, g, idx, _, _ = selected_case(16, 2, 128, 128, 64, 16, torch.bfloat16, None, False, 600, seed=3)
     do = torch.randn(*q.shape[:3], v.shape[-1], device="cuda", dtype=q.dtype)
-    with_counts = grads(q, k, v, g, idx, 5, 64, do)
-    truncated = grads(q, k, v, g, idx[..., :5].contiguous(), None, 64, do)
+    with_counts = selected_grads(q, k, v, g, idx, 5, 64, do)
+    truncated = selected_grads(q, k, v, g, idx[..., :5].contiguous(), None, 64, do)
     for name, a, b in zip(["o", "dq", "dk", "dv", "dg"], with_counts, truncated):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 
 
 @pytest.mark.gpu
 def test_selected_empty_rows_are_zero(poison_outputs):
-    q, k, v, g, idx, _, _ = make_case(4, 2, 64, 64, 32, 4, torch.bfloat16, None, False, 200, seed=4)
+    q, k, v, g, idx, _, _ = selected_case(4, 2, 64, 64, 32, 4, torch.bfloat16, None, False, 200, seed=4)
     idx = torch.full_like(idx, -1)
     idx[:, 150:, 0, 2] = 10 ** 6  # past the end: nothing either
     idx[:, 100:, 1, 1] = 3  # block 3 starts at 96: seen by tokens >= 96 of kv head 1
@@ -134,7 +114,7 @@ def test_selected_full_coverage_is_causal_attention():
 
 @pytest.mark.gpu
 def test_selected_non_contiguous_inputs():
-    q, k, v, g, idx, bc, _ = make_case(16, 2, 128, 128, 64, 4, torch.bfloat16, "tensor", False, 300, seed=6)
+    q, k, v, g, idx, bc, _ = selected_case(16, 2, 128, 128, 64, 4, torch.bfloat16, "tensor", False, 300, seed=6)
     o = selected_attention(q, k, v, idx, bc, 64, g_slc=g)
     nc = lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  same values, other strides
     o_nc = selected_attention(nc(q), nc(k), nc(v), nc(idx), bc, 64, g_slc=g)
@@ -145,10 +125,10 @@ def test_selected_non_contiguous_inputs():
 @pytest.mark.gpu
 def test_selected_new_lengths_do_not_recompile():
     case = (16, 2, 128, 128, 64, 16, torch.bfloat16, None, False, 256)
-    q, k, v, g, idx, _, _ = make_case(*case)
+    q, k, v, g, idx, _, _ = selected_case(*case)
     selected_attention(q, k, v, idx)
     n = len(K_sel.selected_fwd._kernel_cache)
-    q, k, v, g, idx, _, _ = make_case(*case[:-1], 777)
+    q, k, v, g, idx, _, _ = selected_case(*case[:-1], 777)
     selected_attention(q, k, v, idx)
     cu = random_cu_seqlens(777, 4, min_len=40, device="cuda")
     selected_attention(q[:1], k[:1], v[:1], idx[:1], cu_seqlens=cu)

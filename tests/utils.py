@@ -1,5 +1,6 @@
-"""Helpers the test files share: running a kernel path and the reference side by side, and the
-comparisons that a few wrong rows cannot pass.
+"""Helpers the test files share (no test file imports another): running a kernel path and the
+reference side by side, the comparisons that a few wrong rows cannot pass, and the inputs several
+files build (packed layouts, decode caches, selected-attention cases, the small decode layer).
 
 A kernel's output or gradient is compared with the float32 reference three ways:
   - one relative error over the whole tensor (<= 1e-2);
@@ -18,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import reference as R
+from reference.inputs import random_block_counts, random_block_indices, random_gates, random_qkv
 
 # one rounding step, relative (half an ulp at the bottom of a binade, so a row off by one output
 # rounding more than the low-precision run still passes)
@@ -158,3 +160,67 @@ def assert_close(ours, ref, lp, names, dtype, segs=None, seg_overrides: Optional
             assert s[-1][2] == x.shape[1], f"{name}: segments end at {s[-1][2]}, the tensor has {x.shape[1]} rows"
             check_segments(name, x, r, s)
         check_rows(name, x, r, p, dtype, gradient=name.startswith("d"))
+
+
+# A small NSA layer for the decode and compile tests (test_layer, test_ops).
+LAYER_DECODE = dict(hidden_size=256, num_heads=16, num_kv_heads=2, head_dim=64, compress_block=32, compress_stride=16,
+                    block_size=64, block_counts=4, window_size=64)
+
+
+def check_selection(ours, ref, p_slc, tol=5e-3):
+    """Equal ids, or different only among blocks whose reference scores tie within tol·(row max)."""
+    ours, ref = ours.long(), ref.long()
+    diff = (ours.sort(-1).values != ref.sort(-1).values).any(-1)
+    rows = diff.nonzero().tolist()
+    for b, t, h in rows:
+        a, r = set(ours[b, t, h].tolist()) - {-1}, set(ref[b, t, h].tolist()) - {-1}
+        s = p_slc[b, t, h]
+        worst_taken = min(s[i].item() for i in a - r)
+        best_missed = max(s[i].item() for i in r - a)
+        assert best_missed - worst_taken <= tol * s.max().item(), (b, t, h, sorted(a), sorted(r))
+    assert len(rows) <= 0.01 * diff.numel(), f"{len(rows)} rows differ"
+    return len(rows)
+
+
+def make_caches(N, H, HQ, K, V, l, d, W, lengths, dtype, device, cap_pad=37, seed=0):
+    """Random caches as a prefill would leave them: raw keys/values of `lengths` tokens (capacity a
+    little larger), the compressed stream of (length - l) // d + 1 tokens and the ring's last W."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    CAP = max(lengths) + cap_pad
+    num_cmp = [0 if t < l else (t - l) // d + 1 for t in lengths]
+    k, v = rnd(N, CAP, H, K), rnd(N, CAP, H, V)
+    kc, vc = rnd(N, max(num_cmp) + 3, H, K), rnd(N, max(num_cmp) + 3, H, V)
+    ring = None
+    if W > 0:
+        kw, vw = torch.zeros(N, W, H, K, device=device, dtype=dtype), torch.zeros(N, W, H, V, device=device, dtype=dtype)
+        for n, t in enumerate(lengths):
+            for c in range(max(0, t - W), t):  # token c lives in slot c % W
+                kw[n, c % W], vw[n, c % W] = k[n, c], v[n, c]
+        ring = (kw, vw)
+    q = rnd(N, HQ, K)
+    gates = tuple(torch.rand(N, HQ, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    return q, (k, v), (kc, vc), num_cmp, ring, gates
+
+
+def selected_case(G, H, K, V, BS, S, dtype, counts, varlen, T, device="cuda", adversarial=0.3, seed=0):
+    """(q, k, v, g, block ids, block_counts, cu_seqlens) of one selected-attention case."""
+    B = 1 if varlen else 2
+    # varlen: short sequences around the block size, the key tile (min(BS, 64)) and 16, 1-token ones
+    # between them (block ends fall inside key tiles of the dK/dV kernel, which reads a block's last
+    # tile past its sequence's end), then one of the rest
+    cu = hostile_cu(T, *(b for b in (BS, min(BS, 64), 16) if b <= 64), device=device) if varlen else None
+    q, k, v = random_qkv(B, T, G * H, H, K, V, dtype=dtype, device=device, seed=seed)
+    idx = random_block_indices(B, T, H, S, BS, cu_seqlens=cu, device=device, seed=seed, adversarial=adversarial)
+    bc = {None: None, "int": max(1, S - 1), "tensor": random_block_counts(B, T, H, S, device=device, seed=seed)}[counts]
+    g = random_gates(B, T, G * H, dtype=dtype, device=device, seed=seed)
+    return q, k, v, g, idx, bc, cu
+
+
+def selected_grads(q, k, v, g, idx, bc, BS, do, cu=None):
+    """[o, dq, dk, dv, dg] of selected_attention with the given dO."""
+    from nsa_module import selected_attention
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
+    o = selected_attention(*leaves[:3], idx, bc, BS, None, cu, leaves[3])
+    o.backward(do)
+    return [o] + [x.grad for x in leaves]

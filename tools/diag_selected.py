@@ -7,7 +7,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reference as R  # noqa: E402
 from nsa_module import selected_attention  # noqa: E402
-from tests.test_selected import grads, make_case  # noqa: E402
+from tests.utils import selected_case, selected_grads  # noqa: E402
 from tests.utils import rel_err  # noqa: E402
 
 torch.set_printoptions(linewidth=200)
@@ -15,7 +15,7 @@ for G, H, K, V, BS, S, dt, counts, varlen, T in [(32, 1, 128, 128, 32, 16, torch
                                                  (2, 2, 192, 128, 32, 16, torch.bfloat16, "int", False, 333)]:
     for adv in (0.0, 0.3):
         for cnt_kind in (None, counts):
-            q, k, v, g, idx, bc, cu = make_case(G, H, K, V, BS, S, dt, cnt_kind, varlen, T, adversarial=adv)
+            q, k, v, g, idx, bc, cu = selected_case(G, H, K, V, BS, S, dt, cnt_kind, varlen, T, adversarial=adv)
             o1 = selected_attention(q, k, v, idx, bc, BS)
             o2 = selected_attention(q, k, v, idx, bc, BS)
             ref = R.naive_nsa(q.float(), k.float(), v.float(), None, None, idx, bc, BS)
@@ -26,11 +26,11 @@ for G, H, K, V, BS, S, dt, counts, varlen, T in [(32, 1, 128, 128, 32, 16, torch
             for b, t in bad[:4].tolist():
                 print("   b", b, "t", t, "err", err_t[b, t].item(), "ids", idx[b, t].tolist(),
                       "cnt", None if not isinstance(bc, torch.Tensor) else bc[b, t].tolist())
-q, k, v, g, idx, _, _ = make_case(16, 2, 128, 128, 64, 16, torch.bfloat16, None, False, 600, seed=3)
+q, k, v, g, idx, _, _ = selected_case(16, 2, 128, 128, 64, 16, torch.bfloat16, None, False, 600, seed=3)
 do = torch.randn(*q.shape[:3], v.shape[-1], device="cuda", dtype=q.dtype)
-a = grads(q, k, v, g, idx, 5, 64, do)
-b = grads(q, k, v, g, idx[..., :5].contiguous(), None, 64, do)
-a2 = grads(q, k, v, g, idx, 5, 64, do)
+a = selected_grads(q, k, v, g, idx, 5, 64, do)
+b = selected_grads(q, k, v, g, idx[..., :5].contiguous(), None, 64, do)
+a2 = selected_grads(q, k, v, g, idx, 5, 64, do)
 for name, x, y, z in zip(["o", "dq", "dk", "dv", "dg"], a, b, a2):
     d = (x.float() - y.float()).abs()
     print(name, "max diff", d.max().item(), "n diff", int((d > 0).sum()), "repeat equal", torch.equal(x, z))
