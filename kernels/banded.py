@@ -32,7 +32,8 @@ def pick_config(G: int, K: int, V: int, rows: int = 64, BN: int = 64, num_stages
     """Tile choices of the forward and dQ kernels.
 
     M rows = BM tokens × G heads, BM = rows // G (at least 1), padded to 16; one warp per 16 rows
-        (FullRow, so P and dS stay in registers between MMAs): 64 rows, 4 warps, one warpgroup.
+        (FullRow, so P and dS stay in registers between MMAs): 64 rows, 4 warps, one warpgroup
+        (G = 128 needs 128 rows and 8 warps).
     BN: 64 keys per step.
     num_stages: 1, TileLang's single-buffered schedule (each tile's load is issued as soon as its
         buffer's last reader is done, so it overlaps the rest of the step); 2 double-buffers the
