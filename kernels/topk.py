@@ -102,6 +102,13 @@ def chunk_scores(Kc, Q_s, K_s, P_s, Pg_s, S_s, acc_s, lse_s, racc, tx, i_b, i_h,
     T.sync_threads()
 
 
+def masked_score(score, j, cur):
+    """The selection rule on block j's score for a token in block cur: blocks after the token's own
+    can't be chosen (-inf), block 0 and the two local ones must be (+inf)."""
+    return T.if_then_else(j > cur, -T.infinity("float32"),
+                          T.if_then_else(T.Or(T.Or(j == 0, j == cur), j == cur - 1), T.infinity("float32"), score))
+
+
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def block_scores(H: int, G: int, K: int, l: int, d: int, l_sel: int, dtype: str, scale: float,
                  BM: int = 4, M: int = 64, BN: int = 80, JT: int = 16, threads: int = 128):
@@ -154,9 +161,7 @@ def block_scores(H: int, G: int, K: int, l: int, d: int, l_sel: int, dtype: str,
                     j = jt * JT + jj
                     cur = (t0 + bt - bos) // l_sel  # the token's own block
                     if bt < n_tok and j < NS:
-                        Scores[i_b, t0 + bt, i_h, j] = T.if_then_else(
-                            j > cur, -T.infinity(acc),
-                            T.if_then_else(j == 0 or j == cur or j == cur - 1, T.infinity(acc), S_s[bt, jj]))
+                        Scores[i_b, t0 + bt, i_h, j] = masked_score(S_s[bt, jj], j, cur)
 
     return main
 
@@ -239,11 +244,7 @@ def block_topn(H: int, G: int, K: int, l: int, d: int, l_sel: int, n: int, dtype
                             cand_v[bt, c] = top_v[bt, c]
                             cand_i[bt, c] = top_i[bt, c]
                         else:
-                            # the selection rule's masks: blocks after the token's own can't be
-                            # chosen, block 0 and the two local ones must be
-                            cand_v[bt, c] = T.if_then_else(
-                                j > cur, -T.infinity(acc),
-                                T.if_then_else(j == 0 or j == cur or j == cur - 1, T.infinity(acc), S_s[bt, c - n]))
+                            cand_v[bt, c] = masked_score(S_s[bt, c - n], j, cur)
                             cand_i[bt, c] = j
                 T.sync_threads()
                 for e in T.serial(T.ceildiv(BM * C, threads)):
