@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import attention_flops, bench_ms, commit  # noqa: E402
 from kernels import banded as K_band  # noqa: E402
 from nsa_module.common import SeqInfo  # noqa: E402
-from nsa_module.compressed import compress_mean, compressed_layout  # noqa: E402
+from nsa_module.common import compressed_layout  # noqa: E402
+from nsa_module.compressed import compress_mean  # noqa: E402
 from nsa_module.banded import banded_bwd, banded_fwd  # noqa: E402
 
 # name: (rows, BN, num_stages of fwd/dQ, dK/dV options); "base" is the configuration before issue 14

@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import attention_flops, bench_ms  # noqa: E402
 from kernels.banded import W_CAP  # noqa: E402
 from nsa_module.common import SeqInfo  # noqa: E402
-from nsa_module.compressed import compress_mean, compressed_layout  # noqa: E402
+from nsa_module.common import compressed_layout  # noqa: E402
+from nsa_module.compressed import compress_mean  # noqa: E402
 from nsa_module.banded import banded_fwd  # noqa: E402
 from nsa_module.topk import _select_exact, block_scores, select_blocks, select_from_masked  # noqa: E402
 

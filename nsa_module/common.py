@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from reference import num_compressed
 from reference.checks import check_block_counts, check_block_indices, check_cu_seqlens, check_qkv, check_scale
 
 INT32_MAX = 2 ** 31 - 1
@@ -57,8 +58,8 @@ def check_kernel_block_size(block_size, op: str) -> int:
 
 @dataclass
 class SeqInfo:
-    """Where each token's sequence starts: Offsets `[N+1]` and TokSeq `[T]` (int32 on the device).
-    A fixed-length batch is one sequence [0, T) per batch row."""
+    """Where each token's sequence starts: Offsets `[N+1]` and TokSeq `[T]` (int32 on the device),
+    with the lengths and starts on the host. A fixed-length batch is one sequence [0, T) per batch row."""
 
     offsets: torch.Tensor
     tok_seq: torch.Tensor
@@ -67,34 +68,85 @@ class SeqInfo:
 
     @staticmethod
     def build(cu_seqlens: Optional[torch.Tensor], B: int, T: int, like: torch.Tensor) -> "SeqInfo":
-        """The layout of q-like tensors `[B, T, ...]` on like's device; cu_seqlens, if given, must be
-        on that device too (as the reference requires)."""
-        offs = check_cu_seqlens(cu_seqlens, B, T, like)  # reads cu_seqlens on the host (validation)
-        device = like.device
+        """The layout of q-like tensors `[B, T, ...]` on like's device, cached per set of offsets.
+
+        cu_seqlens may live on the CPU (validated there: no device sync) or on like's device, where
+        reading it is one device-to-host copy (a sync); the kernels' callers read it once per call
+        (`host_cu_seqlens`) and hand the host copy on."""
+        offs = host_offsets(cu_seqlens, B, T, like)
         if offs is None:
-            return _fixed_length_info(T, str(device))
-        if offs[-1] > INT32_MAX:
-            raise ValueError(f"the kernels index tokens with int32: T={offs[-1]} is too long")
-        # built from the device copy (a host-to-device copy would wait for the queued kernels), as
-        # a dense int32 tensor whatever integer dtype or strides the caller's has
-        cu = kernel_ready(cu_seqlens.to(torch.int32))
-        lengths = [e - s for s, e in zip(offs, offs[1:])]
-        tok_seq = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32, device=device),
-                                          torch.diff(cu.long()), output_size=T)
-        return SeqInfo(cu, tok_seq, lengths, offs[:-1])
+            return _fixed_length_info(T, str(like.device))
+        return _varlen_info(offs, str(like.device))
 
     def positions(self) -> torch.Tensor:
         """`[T]` each token's position within its sequence (int64)."""
         return torch.arange(self.tok_seq.numel(), device=self.tok_seq.device) - self.offsets[self.tok_seq.long()].long()
 
 
+def host_offsets(cu_seqlens: Optional[torch.Tensor], B: int, T: int, like: torch.Tensor) -> Optional[tuple]:
+    """cu_seqlens validated (reference/checks.py) and read as a tuple of ints, or None. A copy on the
+    CPU is read as it is; one on like's device costs a device-to-host copy."""
+    if cu_seqlens is None:
+        return None
+    on_host = isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type == "cpu"
+    offs = check_cu_seqlens(cu_seqlens, B, T, None if on_host else like)
+    if offs[-1] > INT32_MAX:
+        raise ValueError(f"the kernels index tokens with int32: T={offs[-1]} is too long")
+    return tuple(offs)
+
+
+def host_cu_seqlens(cu_seqlens: Optional[torch.Tensor], B: int, T: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """What the kernel ops take: cu_seqlens validated, as an int64 tensor on the CPU (None stays None).
+    From q's device this is the one device-to-host read of a varlen call; under torch.compile the
+    ops validate it instead (a host read would break the graph)."""
+    if cu_seqlens is None:
+        return None
+    if torch.compiler.is_compiling():
+        return cu_seqlens.to("cpu", torch.int64)
+    return torch.tensor(host_offsets(cu_seqlens, B, T, like), dtype=torch.int64)
+
+
+def device_tensor(values, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A host list on the device without a sync: staged in pinned memory and copied asynchronously
+    (a copy from pageable memory would wait for the stream)."""
+    x = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+@lru_cache(maxsize=64)
+def _varlen_info(offs: tuple, device: str) -> SeqInfo:
+    """Packed sequences at these offsets (validated by the caller); cached, so that a step whose
+    layout was seen before copies nothing to the device."""
+    cu = device_tensor(offs, torch.int32, device)
+    lengths = [e - s for s, e in zip(offs, offs[1:])]
+    # from the device copy of the offsets: no host-to-device copy of T entries
+    tok_seq = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32, device=device),
+                                      torch.diff(cu.long()), output_size=offs[-1])
+    return SeqInfo(cu, tok_seq, lengths, list(offs[:-1]))
+
+
 @lru_cache(maxsize=16)
 def _fixed_length_info(T: int, device: str) -> SeqInfo:
-    """One sequence [0, T) per batch row; cached so that a training step copies nothing to the device."""
+    """One sequence [0, T) per batch row; cached, and built on the device (no copy at all)."""
     if T > INT32_MAX:
         raise ValueError(f"the kernels index tokens with int32: T={T} is too long")
-    offsets = torch.tensor([0, T], dtype=torch.int32, device=device)
+    offsets = torch.arange(2, dtype=torch.int32, device=device) * T
     return SeqInfo(offsets, torch.zeros(T, dtype=torch.int32, device=device), [T], [0])
+
+
+@lru_cache(maxsize=16)
+def compressed_layout(lengths: tuple, l: int, d: int, device: str) -> SeqInfo:
+    """The packed compressed streams of sequences of these lengths: Offsets `[N+1]` and KSeq `[Nc]`.
+    Cached per layout, so a training step copies nothing to the device."""
+    counts = [num_compressed(n, l, d) for n in lengths]
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    offsets = device_tensor(starts, torch.int32, device)
+    kseq = device_tensor([i for i, c in enumerate(counts) for _ in range(c)], torch.int32, device)
+    return SeqInfo(offsets, kseq, counts, starts[:-1])
 
 
 def prepare_block_indices(block_indices, block_counts, B, T, H, like) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,51 +6,16 @@ and no window. The compression φ itself (mean pooling here) runs in torch: it i
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional
 
 import torch
 
 from kernels.banded import W_CAP
-from reference import compress_kv, num_compressed
+from reference import num_compressed
 from reference.checks import check_gate, check_positive_int, check_tensor
 
-from .common import SeqInfo, check_cuda, check_kernel_dims, kernel_gate, kernel_ready, resolve_scale
-from .banded import banded_bwd, banded_fwd
-
-
-@lru_cache(maxsize=16)
-def compressed_layout(lengths: tuple, l: int, d: int, device: str) -> SeqInfo:
-    """The packed compressed streams of sequences of these lengths: Offsets `[N+1]` and KSeq `[Nc]`.
-    Cached per layout, so a training step copies nothing to the device."""
-    counts = [num_compressed(n, l, d) for n in lengths]
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    offsets = torch.tensor(starts, dtype=torch.int32, device=device)
-    kseq = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)], dtype=torch.int32, device=device)
-    return SeqInfo(offsets, kseq, counts, starts[:-1])
-
-
-class CompressedAttentionFunction(torch.autograd.Function):
-    """(og, lse) = (gate·compressed_attention(q, k_cmp, v_cmp), its base-2 LSE); the LSE, which the
-    top-n selection reuses, carries no gradient."""
-
-    @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, gate, l, d, scale, qseq, kseq):
-        o, og, lse = banded_fwd(q, k_cmp, v_cmp, gate, W_CAP, d, l - 1, scale, qseq, kseq)
-        ctx.save_for_backward(q, k_cmp, v_cmp, gate, o, lse)
-        ctx.args = (l, d, scale, qseq, kseq)
-        ctx.mark_non_differentiable(lse)
-        return og, lse
-
-    @staticmethod
-    def backward(ctx, dog, _dlse):
-        q, k_cmp, v_cmp, gate, o, lse = ctx.saved_tensors
-        l, d, scale, qseq, kseq = ctx.args
-        dq, dk, dv, dgate = banded_bwd(q, k_cmp, v_cmp, gate, o, lse, kernel_ready(dog), W_CAP, d, l - 1,
-                                       scale, qseq, kseq)
-        return dq, dk, dv, dgate.to(gate.dtype), None, None, None, None, None
+from . import ops
+from .common import check_cuda, check_kernel_dims, host_cu_seqlens, resolve_scale
 
 
 def compressed_attention(
@@ -100,19 +65,28 @@ def compressed_attention(
         raise ValueError(f"compress_stride d={d} must divide compress_block l={l}")
     check_gate(g_cmp, "g_cmp", B, T, HQ, q)
     scale = resolve_scale(scale, Kd)
-    qseq = SeqInfo.build(cu_seqlens, B, T, q)
-    kseq = compressed_layout(tuple(qseq.lengths), l, d, str(q.device))
-    n_keys = sum(kseq.lengths)  # lengths of the compressed streams, known on the host
+    cu = host_cu_seqlens(cu_seqlens, B, T, q)
+    offs = (0, T) if cu is None else cu.tolist()
+    n_keys = sum(num_compressed(e - s, l, d) for s, e in zip(offs, offs[1:]))
     if k_cmp.shape[1] != n_keys:
         raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed tokens, but (l={l}, d={d}) over these "
                          f"sequences give {n_keys}")
     check_cuda(q, op)
-    og, _ = CompressedAttentionFunction.apply(*map(kernel_ready, (q, k_cmp, v_cmp)), kernel_gate(g_cmp, q),
-                                              l, d, scale, qseq, kseq)
-    return og
+    return ops.banded_fwd(q, k_cmp, v_cmp, g_cmp, cu, W_CAP, d, l - 1, scale)[1]
 
 
 def compress_mean(k: torch.Tensor, v: torch.Tensor, compress_block: int, compress_stride: int,
                   cu_seqlens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean-pooled compressed keys and values (φ = mean), differentiable; see reference.compress_kv."""
-    return compress_kv(k, v, compress_block, compress_stride, "mean", cu_seqlens)
+    """Mean-pooled compressed keys and values (φ = mean), differentiable: `reference.compress_kv`'s
+    result and packing (summed in float32 in another order) through the op `compress_mean`, so
+    that a varlen call reads cu_seqlens on the host once and torch.compile sees no break."""
+    check_tensor(k, "k", 4, "[B, T, H, K]")
+    check_tensor(v, "v", 4, "[B, T, H, V]")
+    if tuple(k.shape[:3]) != tuple(v.shape[:3]):
+        raise ValueError(f"k [B, T, H, K] and v [B, T, H, V] must agree on B, T, H, got {list(k.shape)} and {list(v.shape)}")
+    l = check_positive_int(compress_block, "compress_block (l)")
+    d = check_positive_int(compress_stride, "compress_stride (d)")
+    if l % d != 0:
+        raise ValueError(f"compress_stride d={d} must divide compress_block l={l}")
+    cu = host_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1], k)
+    return ops.compress_mean(k, cu, l, d), ops.compress_mean(v, cu, l, d)

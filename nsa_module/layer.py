@@ -21,6 +21,8 @@ from reference.checks import check_compression, check_cu_seqlens, check_positive
 
 from . import ops as nsa_ops
 from .cache import NSACache
+from .common import host_cu_seqlens
+from .nsa import nsa_branches
 from .decode import decode_reads
 
 
@@ -32,6 +34,22 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
     x1, x2 = x.float()[..., : D // 2], x.float()[..., D // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+def attend_reference(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, g_cmp, g_slc, g_swa, cu_seqlens,
+                     l: int, d: int, l_sel: int, n: int, W: int, scale: float, block_indices=None):
+    """The three gated branches on the float32 reference (reference/naive.py), each over its own
+    keys/values: (o in q's dtype, block_indices). Differentiable; the selection is not."""
+    o_cmp, p_cmp = R.compressed_attention(q, k_cmp, v_cmp, l, d, scale, cu_seqlens)
+    if block_indices is None:
+        with torch.no_grad():
+            p_slc = R.selection_scores(p_cmp, l, d, l_sel, k_slc.shape[2], cu_seqlens)
+            block_indices = R.select_blocks(p_slc, n, l_sel, cu_seqlens)
+    o = o_cmp * g_cmp[..., None] + R.naive_nsa(q, k_slc, v_slc, g_slc, None, block_indices, None, l_sel, 0,
+                                               scale, cu_seqlens)
+    if W > 0:
+        o = o + R.naive_nsa(q, k_swa, v_swa, None, g_swa, None, None, l_sel, W, scale, cu_seqlens)
+    return o.to(q.dtype), block_indices
 
 
 class CompressionMLP(nn.Module):
@@ -127,13 +145,13 @@ class NativeSparseAttention(nn.Module):
         g_cmp, g_slc, g_swa = gates
         k_c, v_c = kv["cmp"]
         k_cmp, v_cmp = R.compress_kv(k_c, v_c, self.l, self.d, self._phi(), cu_seqlens)
-        if self._use_kernels(q):  # one custom op (nsa_module/ops.py): torch.compile sees no break
-            k_w, v_w = kv["swa"] if self.W > 0 else (None, None)
-            return nsa_ops.attend(q, k_cmp, v_cmp, *kv["slc"], k_w, v_w, g_cmp, g_slc, g_swa if self.W > 0 else None,
-                                  cu_seqlens, self.l, self.d, self.l_sel, self.n, self.W, self.scale)[0]
         swa = kv["swa"] if self.W > 0 else (None, None)
-        return nsa_ops.attend_reference(q, k_cmp, v_cmp, *kv["slc"], *swa, g_cmp, g_slc, g_swa, cu_seqlens,
-                                        self.l, self.d, self.l_sel, self.n, self.W, self.scale)[0]
+        if self._use_kernels(q):  # the ops nsa() composes (nsa_module/ops.py): torch.compile sees no break
+            cu = host_cu_seqlens(cu_seqlens, *q.shape[:2], q)
+            return nsa_branches(q, (k_cmp, v_cmp), kv["slc"], swa, g_cmp, g_slc, g_swa, None, self.n, self.l,
+                                self.d, self.l_sel, self.W, self.scale, cu)[0]
+        return attend_reference(q, k_cmp, v_cmp, *kv["slc"], *swa, g_cmp, g_slc, g_swa, cu_seqlens,
+                                self.l, self.d, self.l_sel, self.n, self.W, self.scale)[0]
 
     # -- forward ------------------------------------------------------------------------------
 

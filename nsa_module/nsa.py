@@ -7,14 +7,12 @@ from typing import Optional, Union
 
 import torch
 
+from kernels.banded import W_CAP
 from reference.checks import check_block_counts, check_block_indices, check_compression, check_gate, check_positive_int
 
-from .common import (SeqInfo, check_cuda, check_kernel_block_size, check_kernel_inputs, kernel_gate, kernel_ready,
-                     resolve_scale)
-from .compressed import CompressedAttentionFunction, compress_mean, compressed_layout
-from .selected import selected_attention
-from .sliding import sliding_window_attention
-from .topk import select_blocks
+from . import ops
+from .common import check_cuda, check_kernel_block_size, check_kernel_inputs, host_cu_seqlens, resolve_scale
+from .selected import selected_unchecked
 
 
 def nsa(
@@ -46,7 +44,8 @@ def nsa(
             `selected_attention` takes (None: all S slots).
         block_size: l', the selection block (16 … 256); window_size: W, 0 for no sliding branch.
         compress_block, compress_stride: l and d of the mean-pooled compression (d | l, d | l').
-        cu_seqlens: `[N+1]` packed sequences (B = 1).
+        cu_seqlens: `[N+1]` packed sequences (B = 1). On the CPU the call makes no device sync; on
+            q's device it is read on the host once (one sync), to validate it and lay out the tiles.
         return_block_indices: also return the indices used.
 
     Returns:
@@ -69,35 +68,31 @@ def nsa(
         S = check_block_indices(block_indices, B, T, H, q)
         check_block_counts(block_counts, B, T, H, S, q)
     scale = resolve_scale(scale, Kd)
-    l, d = compress_block, compress_stride
-    qseq = SeqInfo.build(cu_seqlens, B, T, q)
-    kseq = compressed_layout(tuple(qseq.lengths), l, d, str(q.device))
+    cu = host_cu_seqlens(cu_seqlens, B, T, q)  # the one host read of a varlen call (none if on the CPU)
     check_cuda(q, op)
 
-    k_cmp, v_cmp = compress_mean(k, v, l, d, cu_seqlens)
-    o, block_indices = nsa_branches(q, (k_cmp, v_cmp), (k, v), (k, v), g_cmp, g_slc, g_swa, block_indices,
-                                    block_counts, l, d, block_size, window_size, scale, cu_seqlens, qseq, kseq)
+    l, d = compress_block, compress_stride
+    kv_cmp = (ops.compress_mean(k, cu, l, d), ops.compress_mean(v, cu, l, d))
+    o, block_indices = nsa_branches(q, kv_cmp, (k, v), (k, v), g_cmp, g_slc, g_swa, block_indices, block_counts,
+                                    l, d, block_size, window_size, scale, cu)
     return (o, block_indices) if return_block_indices else o
 
 
 def nsa_branches(q, kv_cmp, kv_slc, kv_swa, g_cmp, g_slc, g_swa, block_indices, block_counts,
-                 l: int, d: int, l_sel: int, window_size: int, scale: float, cu_seqlens,
-                 qseq: SeqInfo, kseq: SeqInfo):
-    """The three branches on the kernels, each with its own keys/values (the layer projects them
-    apart; `nsa()` passes one pair): compressed attention over kv_cmp (already compressed), the
-    top-n blocks chosen from it unless block_indices is given, selected over kv_slc, sliding over
-    kv_swa. Inputs validated by the caller. Returns (o, block_indices)."""
-    q = kernel_ready(q)
-    k_cmp, v_cmp = (kernel_ready(x) for x in kv_cmp)
-    o_cmp, lse_cmp = CompressedAttentionFunction.apply(q, k_cmp, v_cmp, kernel_gate(g_cmp, q), l, d, scale, qseq, kseq)
-    counts = block_counts
+                 l: int, d: int, l_sel: int, window_size: int, scale: float, cu_seqlens):
+    """The composition of NSA on the ops (nsa_module/ops.py), on validated arguments: each branch
+    with its own keys/values (the layer projects them apart; `nsa()` passes one pair): compressed
+    attention over kv_cmp (already compressed), the top-n blocks chosen from it unless
+    block_indices is given, selected attention over kv_slc, sliding over kv_swa; gated and summed.
+    cu_seqlens as `host_cu_seqlens` gives it. Returns (o, block_indices)."""
+    _, o, lse_cmp = ops.banded_fwd(q, *kv_cmp, g_cmp, cu_seqlens, W_CAP, d, l - 1, scale)
     if block_indices is None:
         with torch.no_grad():
-            block_indices = select_blocks(q, k_cmp, lse_cmp, block_counts, l, d, l_sel, scale, qseq, kseq)
-        counts = None
-    o = o_cmp + selected_attention(q, *kv_slc, block_indices, counts, l_sel, scale, cu_seqlens, g_slc)
+            block_indices = ops.select_blocks(q, kv_cmp[0], lse_cmp, cu_seqlens, block_counts, l, d, l_sel, scale)
+        block_counts = None
+    o = o + selected_unchecked(q, *kv_slc, g_slc, block_indices, block_counts, l_sel, scale, cu_seqlens)
     if window_size > 0:
-        o = o + sliding_window_attention(q, *kv_swa, window_size, scale, cu_seqlens, g_swa)
+        o = o + ops.banded_fwd(q, *kv_swa, g_swa, cu_seqlens, min(window_size, W_CAP), 1, 0, scale)[1]
     return o, block_indices
 
 
@@ -117,12 +112,19 @@ def selected_sliding_attention(
     r"""g_slc·o_slc + g_swa·o_swa: `reference.naive_nsa` on the kernels (arguments as in
     `selected_attention` and `sliding_window_attention`; window_size 0 leaves the sliding branch
     out). Two launches for now, one per branch; whether one fused launch is faster has not been
-    measured yet (docs/perf-notes.md). Every argument is checked before the first launch: the
-    sliding branch's own here, the rest by selected_attention before its kernel."""
-    W = check_positive_int(window_size, "window_size", minimum=0)
-    if isinstance(q, torch.Tensor) and q.dim() == 4:
-        check_gate(g_swa, "g_swa", *q.shape[:3], q)
-    o = selected_attention(q, k, v, block_indices, block_counts, block_size, scale, cu_seqlens, g_slc)
+    measured yet (docs/perf-notes.md). Every argument is checked once, before the first launch."""
+    op = "selected_sliding_attention"
+    B, T, HQ, H, Kd, V = check_kernel_inputs(q, k, v, op)
+    check_kernel_block_size(block_size, op)
+    W = min(check_positive_int(window_size, "window_size", minimum=0), W_CAP)
+    check_gate(g_slc, "g_slc", B, T, HQ, q)
+    check_gate(g_swa, "g_swa", B, T, HQ, q)
+    S = check_block_indices(block_indices, B, T, H, q)
+    check_block_counts(block_counts, B, T, H, S, q)
+    scale = resolve_scale(scale, Kd)
+    cu = host_cu_seqlens(cu_seqlens, B, T, q)
+    check_cuda(q, op)
+    o = selected_unchecked(q, k, v, g_slc, block_indices, block_counts, block_size, scale, cu)
     if W == 0:
         return o
-    return o + sliding_window_attention(q, k, v, W, scale, cu_seqlens, g_swa)
+    return o + ops.banded_fwd(q, k, v, g_swa, cu, W, 1, 0, scale)[1]

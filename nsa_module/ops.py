@@ -1,167 +1,318 @@
-"""NSA as torch.library custom ops, so that torch.compile traces a model through the layer without
-graph breaks: each op is opaque to the compiler (a fake implementation gives its output shapes),
-runs the TileLang kernels eagerly, and carries its own backward.
+"""The op layer: every TileLang launch of NSA as a `torch.library` custom op, with a fake (shapes
+only) implementation and, for the differentiable ones, its backward registered on top. `nsa()`, the
+per-branch functions and the layer all compose these same ops, so `torch.compile` traces any of them
+without a graph break (each op is opaque to the compiler) and eager calls take the same path.
 
-  nsa_tilelang::attend          the three branches of the layer's training / prefill forward
-                                (compressed attention, top-n selection, selected, sliding), gated;
-                                also returns what the backward needs (branch outputs, LSEs, ids)
-  nsa_tilelang::attend_backward their gradients, from those saved tensors
-  nsa_tilelang::decode          one decode step (kernels/decode.py)
+  nsa_tilelang::compress_mean      (+ _backward)  the mean-pooled compressed stream (φ = mean)
+  nsa_tilelang::banded_fwd         (+ banded_bwd)   causal attention over a band of keys: the sliding
+                                                    branch (W, KS=1, KC=0) and the compressed one
+                                                    (no window, KS=d, KC=l-1); gate fused
+  nsa_tilelang::selected_fwd       (+ selected_bwd) attention over each token's selected blocks
+  nsa_tilelang::select_blocks      the top-n block ids from q·k_cmp and the compressed LSE (no grad)
+  nsa_tilelang::decode             one decode step over the cache
 
-The layer calls these on CUDA; nsa() and the per-branch functions keep their autograd Functions.
-Inside an op, host reads (cu_seqlens' offsets) are fine: the compiler never traces into it.
+The ops take what the caller validated: their tensors of any strides (made kernel-ready inside), the
+gates `[B, T, HQ]` or None (= 1), and `cu_seqlens` as an int64 tensor on the CPU (see
+`common.host_cu_seqlens`): the sequence layouts are built from it on the host, cached per set of
+offsets and copied to the device asynchronously, so a varlen call makes no device sync.
+
+On the CPU the forward ops run a dense float32 version of the same masks (for tests and for
+compiling the composition without a GPU); they have no backward there.
 """
 from __future__ import annotations
 
+import math
+from functools import lru_cache
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 import reference as R
-from kernels.banded import W_CAP
+from reference import num_compressed
 
-from .banded import banded_bwd, banded_fwd
-from .common import SeqInfo, kernel_ready, prepare_block_indices
-from .compressed import compressed_layout
+from .banded import banded_bwd as launch_banded_bwd
+from .banded import banded_fwd as launch_banded_fwd
+from .common import SeqInfo, compressed_layout, device_tensor, kernel_gate, kernel_ready, prepare_block_indices
 from .decode import nsa_decode
-from .selected import selected_bwd, selected_fwd
-from .topk import select_blocks
+from .selected import selected_bwd as launch_selected_bwd
+from .selected import selected_fwd as launch_selected_fwd
+from .topk import select_blocks as launch_select_blocks
+
+LOG2E = 1.4426950408889634
 
 
-def _layouts(q: Tensor, cu_seqlens: Optional[Tensor], l: int, d: int):
+def layouts(q: Tensor, cu_seqlens: Optional[Tensor], KS: int = 1, KC: int = 0) -> tuple[SeqInfo, SeqInfo]:
+    """(qseq, kseq): the tokens' layout and the key stream's, which is the tokens themselves for
+    (KS, KC) = (1, 0) and the compressed stream of blocks l = KC + 1, stride d = KS otherwise."""
     B, T = q.shape[:2]
     qseq = SeqInfo.build(cu_seqlens, B, T, q)
-    return qseq, compressed_layout(tuple(qseq.lengths), l, d, str(q.device))
+    if (KS, KC) == (1, 0):
+        return qseq, qseq
+    return qseq, compressed_layout(tuple(qseq.lengths), KC + 1, KS, str(q.device))
 
 
-def _c(x: Optional[Tensor]) -> Optional[Tensor]:
-    return None if x is None else kernel_ready(x)
-
-
-@torch.library.custom_op("nsa_tilelang::attend", mutates_args=(), device_types="cuda")
-def attend(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_swa: Optional[Tensor],
-           v_swa: Optional[Tensor], g_cmp: Tensor, g_slc: Tensor, g_swa: Optional[Tensor],
-           cu_seqlens: Optional[Tensor], l: int, d: int, l_sel: int, n: int, W: int, scale: float
-           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa `[B, T, HQ, V]` with (o_cmp, lse_cmp, o_slc,
-    lse_slc, o_swa, lse_swa, block_indices). q `[B, T, HQ, K]`; k/v_cmp the compressed streams
-    (packed as nsa_module.compressed lays them out); k/v_slc, k/v_swa `[B, T, H, K|V]`; gates
-    `[B, T, HQ]`. W = 0: no sliding branch (k/v_swa, g_swa None; its outputs empty)."""
-    qseq, kseq = _layouts(q, cu_seqlens, l, d)
-    q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa = map(_c, (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa))
-    g_cmp, g_slc, g_swa = (None if g is None else kernel_ready(g.to(q.dtype)) for g in (g_cmp, g_slc, g_swa))
-    o_cmp, og, lse_cmp = banded_fwd(q, k_cmp, v_cmp, g_cmp, W_CAP, d, l - 1, scale, qseq, kseq)
-    idx = select_blocks(q, k_cmp, lse_cmp, n, l, d, l_sel, scale, qseq, kseq)
-    B, T, HQ = q.shape[:3]
-    idx, cnt = prepare_block_indices(idx, None, B, T, k_slc.shape[2], q)
-    o_slc, og_slc, lse_slc = selected_fwd(q, k_slc, v_slc, g_slc, idx, cnt, l_sel, scale, qseq)
-    o = og + og_slc
-    o_swa, lse_swa = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
-    if W > 0:
-        o_swa, og_swa, lse_swa = banded_fwd(q, k_swa, v_swa, g_swa, W, 1, 0, scale, qseq, qseq)
-        o = o + og_swa
-    return o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, idx
-
-
-def attend_reference(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, g_cmp, g_slc, g_swa, cu_seqlens,
-                     l: int, d: int, l_sel: int, n: int, W: int, scale: float, block_indices=None):
-    """The same three gated branches on the float32 reference (reference/naive.py): (o in q's
-    dtype, block_indices). Differentiable; the selection (given or chosen) is not."""
-    o_cmp, p_cmp = R.compressed_attention(q, k_cmp, v_cmp, l, d, scale, cu_seqlens)
-    if block_indices is None:
-        with torch.no_grad():
-            p_slc = R.selection_scores(p_cmp, l, d, l_sel, k_slc.shape[2], cu_seqlens)
-            block_indices = R.select_blocks(p_slc, n, l_sel, cu_seqlens)
-    o = o_cmp * g_cmp[..., None] + R.naive_nsa(q, k_slc, v_slc, g_slc, None, block_indices, None, l_sel, 0,
-                                               scale, cu_seqlens)
-    if W > 0:
-        o = o + R.naive_nsa(q, k_swa, v_swa, None, g_swa, None, None, l_sel, W, scale, cu_seqlens)
-    return o.to(q.dtype), block_indices
-
-
-@attend.register_kernel("cpu")
-def _(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, g_cmp, g_slc, g_swa, cu_seqlens, l, d, l_sel, n, W, scale):
-    """CPU, forward only (the layer uses the reference functions directly on the CPU; this lets the
-    op's registrations and a compiled model be checked without a GPU): the branch outputs the CUDA
-    backward needs are zeros."""
-    o, idx = attend_reference(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, g_cmp, g_slc, g_swa, cu_seqlens,
-                              l, d, l_sel, n, W, scale)
-    B, T, HQ = q.shape[:3]
-    V = v_slc.shape[-1]
-    kept = lambda: [q.new_zeros(B, T, HQ, V), q.new_zeros(B, T, HQ, dtype=torch.float32)]  # noqa: E731
-    swa = kept() if W > 0 else [q.new_empty(0), q.new_empty(0, dtype=torch.float32)]
-    return o, *kept(), *kept(), *swa, idx.to(torch.int32)
-
-
-@attend.register_fake
-def _(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, g_cmp, g_slc, g_swa, cu_seqlens, l, d, l_sel, n, W, scale):
-    B, T, HQ = q.shape[:3]
-    H, V = k_slc.shape[2], v_slc.shape[-1]
-    o = q.new_empty(B, T, HQ, V)
-    lse = q.new_empty(B, T, HQ, dtype=torch.float32)
-    swa = (q.new_empty(B, T, HQ, V), q.new_empty(B, T, HQ, dtype=torch.float32)) if W > 0 else \
-        (q.new_empty(0), q.new_empty(0, dtype=torch.float32))
-    return o, q.new_empty(B, T, HQ, V), lse, q.new_empty(B, T, HQ, V), lse.new_empty(B, T, HQ), *swa, \
-        q.new_empty(B, T, H, n, dtype=torch.int32)
-
-
-@torch.library.custom_op("nsa_tilelang::attend_backward", mutates_args=(), device_types="cuda")
-def attend_backward(do: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor,
-                    k_swa: Optional[Tensor], v_swa: Optional[Tensor], g_cmp: Tensor, g_slc: Tensor,
-                    g_swa: Optional[Tensor], o_cmp: Tensor, lse_cmp: Tensor, o_slc: Tensor, lse_slc: Tensor,
-                    o_swa: Tensor, lse_swa: Tensor, block_indices: Tensor, cu_seqlens: Optional[Tensor],
-                    l: int, d: int, l_sel: int, W: int, scale: float) -> list[Tensor]:
-    """[dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_swa, dv_swa, dg_cmp, dg_slc, dg_swa] (the sliding
-    ones empty when W = 0); each branch's backward gets do, as o is their sum."""
-    qseq, kseq = _layouts(q, cu_seqlens, l, d)
-    do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa = map(_c, (do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa))
-    # the saved outputs too: under torch.compile they reach this op as the graph hands them over
-    o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa = map(_c, (o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa))
-    gates = [None if g is None else kernel_ready(g.to(q.dtype)) for g in (g_cmp, g_slc, g_swa)]
+def _counts(block_counts: Optional[Tensor], block_indices: Tensor, q: Tensor, H: int):
     B, T = q.shape[:2]
-    idx, cnt = prepare_block_indices(block_indices, None, B, T, k_slc.shape[2], q)
-    dq_c, dk_c, dv_c, dg_c = banded_bwd(q, k_cmp, v_cmp, gates[0], o_cmp, lse_cmp, do, W_CAP, d, l - 1,
-                                        scale, qseq, kseq)
-    dq_s, dk_s, dv_s, dg_s = selected_bwd(q, k_slc, v_slc, gates[1], o_slc, lse_slc, do, idx, cnt, l_sel,
-                                          scale, qseq)
-    dq = dq_c.float() + dq_s.float()
-    dk_w, dv_w, dg_w = q.new_empty(0), q.new_empty(0), q.new_empty(0)
-    if W > 0:
-        dq_w, dk_w, dv_w, dg_w = banded_bwd(q, k_swa, v_swa, gates[2], o_swa, lse_swa, do, W, 1, 0, scale,
-                                            qseq, qseq)
-        dq = dq + dq_w.float()
-        dg_w = dg_w.to(g_swa.dtype)
-    return [dq.to(q.dtype), dk_c, dv_c, dk_s, dv_s, dk_w, dv_w, dg_c.to(g_cmp.dtype), dg_s.to(g_slc.dtype), dg_w]
+    return prepare_block_indices(block_indices, block_counts, B, T, H, q)
 
 
-@attend_backward.register_fake
-def _(do, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, g_cmp, g_slc, g_swa, o_cmp, lse_cmp, o_slc, lse_slc,
-      o_swa, lse_swa, block_indices, cu_seqlens, l, d, l_sel, W, scale):
-    swa = [torch.empty_like(k_swa), torch.empty_like(v_swa), torch.empty_like(g_swa)] if W > 0 else \
-        [q.new_empty(0), q.new_empty(0), q.new_empty(0)]
-    return [torch.empty_like(q), torch.empty_like(k_cmp), torch.empty_like(v_cmp), torch.empty_like(k_slc),
-            torch.empty_like(v_slc), swa[0], swa[1], torch.empty_like(g_cmp), torch.empty_like(g_slc), swa[2]]
+# -- compression ------------------------------------------------------------------------------
+
+def _offsets(x: Tensor, cu_seqlens: Optional[Tensor]) -> tuple:
+    return (0, x.shape[1]) if cu_seqlens is None else tuple(cu_seqlens.tolist())
 
 
-def _attend_setup(ctx, inputs, output):
-    q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, g_cmp, g_slc, g_swa, cu_seqlens, l, d, l_sel, n, W, scale = inputs
-    _, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, idx = output
-    ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, g_cmp, g_slc, g_swa,
-                          o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, idx, cu_seqlens)
-    ctx.args = (l, d, l_sel, W, scale)
+@lru_cache(maxsize=16)
+def _chunk_layout(offsets: tuple, l: int, d: int, device: str):
+    """The d-token chunks of packed sequences, each sequence's own from its start (d | l, so a
+    compressed block is l/d whole chunks; a trailing partial chunk belongs to no block):
+    first `[NCH]` each chunk's first token, base `[Nc]` each block's first chunk, tok_chunk `[T]`
+    each token's chunk (NCH, a zero row, for none)."""
+    first, base, tok_chunk = [], [], []
+    for s, e in zip(offsets, offsets[1:]):
+        c0, nch = len(first), (e - s) // d
+        first += range(s, s + nch * d, d)
+        base += range(c0, c0 + num_compressed(e - s, l, d))
+        tok_chunk += [c0 + j for j in range(nch) for _ in range(d)] + [-1] * (e - s - nch * d)
+    NCH = len(first)
+    tok_chunk = [NCH if c < 0 else c for c in tok_chunk]
+    return tuple(device_tensor(x, torch.long, device) for x in (first, base, tok_chunk))
 
 
-def _attend_backward(ctx, do, *_):
-    saved = ctx.saved_tensors
-    g = attend_backward(do, *saved, *ctx.args)
-    W = ctx.args[3]
-    swa = (g[5], g[6], g[9]) if W > 0 else (None, None, None)
-    return (g[0], g[1], g[2], g[3], g[4], swa[0], swa[1], g[7], g[8], swa[2]) + (None,) * 7
+@torch.library.custom_op("nsa_tilelang::compress_mean", mutates_args=())
+def compress_mean(x: Tensor, cu_seqlens: Optional[Tensor], l: int, d: int) -> Tensor:
+    """The mean of each compressed block's l tokens: x `[B, T, H, D]` -> `[B, Nc, H, D]` packed as
+    `reference.compress_kv` packs it, summed in float32 (chunk sums of d tokens, then l/d chunks)."""
+    first, base, _ = _chunk_layout(_offsets(x, cu_seqlens), l, d, str(x.device))
+    chunks = x[:, first[:, None] + torch.arange(d, device=x.device)].float().sum(2)  # [B, NCH, H, D]
+    out = chunks[:, base]
+    for r in range(1, l // d):
+        out = out + chunks[:, base + r]
+    return (out / l).to(x.dtype)
 
 
-torch.library.register_autograd("nsa_tilelang::attend", _attend_backward, setup_context=_attend_setup)
+@compress_mean.register_fake
+def _(x, cu_seqlens, l, d):
+    if cu_seqlens is None:
+        return x.new_empty(x.shape[0], num_compressed(x.shape[1], l, d), *x.shape[2:])
+    return x.new_empty(x.shape[0], torch.library.get_ctx().new_dynamic_size(), *x.shape[2:])
 
+
+@torch.library.custom_op("nsa_tilelang::compress_mean_backward", mutates_args=())
+def compress_mean_backward(dy: Tensor, cu_seqlens: Optional[Tensor], T: int, l: int, d: int) -> Tensor:
+    """dx `[B, T, H, D]` of compress_mean: each token gets dy/l of every block holding it. The l/d
+    blocks sharing a chunk are added one shift at a time (distinct targets each time: deterministic)."""
+    offs = (0, T) if cu_seqlens is None else tuple(cu_seqlens.tolist())
+    first, base, tok_chunk = _chunk_layout(offs, l, d, str(dy.device))
+    B = dy.shape[0]
+    dchunks = torch.zeros(B, first.numel() + 1, *dy.shape[2:], dtype=torch.float32, device=dy.device)
+    g = dy.float() / l
+    for r in range(l // d):
+        dchunks.index_add_(1, base + r, g)
+    return dchunks[:, tok_chunk].to(dy.dtype)
+
+
+@compress_mean_backward.register_fake
+def _(dy, cu_seqlens, T, l, d):
+    return dy.new_empty(dy.shape[0], T, *dy.shape[2:])
+
+
+def _compress_setup(ctx, inputs, output):
+    x, cu_seqlens, l, d = inputs
+    ctx.save_for_backward(cu_seqlens)
+    ctx.args = (x.shape[1], l, d)
+
+
+def _compress_backward(ctx, dy):
+    (cu_seqlens,) = ctx.saved_tensors
+    return compress_mean_backward(dy, cu_seqlens, *ctx.args), None, None, None
+
+
+torch.library.register_autograd("nsa_tilelang::compress_mean", _compress_backward, setup_context=_compress_setup)
+
+
+# -- the banded family (sliding and compressed attention) --------------------------------------
+
+@torch.library.custom_op("nsa_tilelang::banded_fwd", mutates_args=(), device_types="cuda")
+def banded_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], cu_seqlens: Optional[Tensor], W: int,
+               KS: int, KC: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, og = gate·o, lse) of banded causal attention (kernels/banded.py): q `[B, T, HQ, K]`, keys
+    k/v `[B, Tk, H, K|V]` (the tokens, or the compressed stream when (KS, KC) != (1, 0)); key i
+    ends at position i·KS + KC and token t sees it iff 0 <= t - (i·KS + KC) < W. lse `[B, T, HQ]`
+    fp32 base 2 (+inf for a row that sees nothing; its o is 0)."""
+    qseq, kseq = layouts(q, cu_seqlens, KS, KC)
+    q, k, v = map(kernel_ready, (q, k, v))
+    return launch_banded_fwd(q, k, v, kernel_gate(gate, q), W, KS, KC, scale, qseq, kseq)
+
+
+@banded_fwd.register_fake
+def _(q, k, v, gate, cu_seqlens, W, KS, KC, scale):
+    o = q.new_empty(*q.shape[:3], v.shape[-1])
+    return o, torch.empty_like(o), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@banded_fwd.register_kernel("cpu")
+def _(q, k, v, gate, cu_seqlens, W, KS, KC, scale):
+    qseq, kseq = layouts(q, cu_seqlens, KS, KC)
+    o, lse, _ = dense_banded(q, k, v, W, KS, KC, scale, qseq, kseq)
+    g = torch.ones_like(o[..., 0]) if gate is None else gate.to(o.dtype)
+    return o, o * g[..., None], lse
+
+
+def dense_banded(q, k, v, W: int, KS: int, KC: int, scale: float, qseq: SeqInfo, kseq: SeqInfo):
+    """The CPU version of banded_fwd in float32, one sequence at a time: (o, lse, p) with p
+    `[B, T, HQ, Nmax]` the probabilities over each sequence's own keys (columns past them 0)."""
+    B, T, HQ, _ = q.shape
+    H = k.shape[2]
+    G = HQ // H
+    n_max = max(kseq.lengths) if kseq.lengths else 0
+    o = q.new_zeros(B, T, HQ, v.shape[-1])
+    lse = q.new_full((B, T, HQ), math.inf, dtype=torch.float32)
+    p = q.new_zeros(B, T, HQ, n_max, dtype=torch.float32)
+    for s, n, ks, nk in zip(qseq.starts, qseq.lengths, kseq.starts, kseq.lengths):
+        t = torch.arange(n)[:, None]
+        end = torch.arange(nk)[None, :] * KS + KC
+        valid = (end <= t) & (t - end < W)  # [n, nk]
+        qs = q[:, s:s + n].float()
+        kk = k[:, ks:ks + nk].float().repeat_interleave(G, 2)
+        vv = v[:, ks:ks + nk].float().repeat_interleave(G, 2)
+        logits = torch.einsum("bthk,bihk->bthi", qs, kk) * scale
+        logits = logits.masked_fill(~valid[None, :, None, :], -math.inf)
+        m = torch.logsumexp(logits, -1)  # -inf for a row that sees nothing
+        pr = torch.exp(logits - m[..., None]).nan_to_num(0.0)
+        o[:, s:s + n] = torch.einsum("bthi,bihv->bthv", pr, vv).to(o.dtype)
+        lse[:, s:s + n] = torch.where(m > -math.inf, m * LOG2E, math.inf)
+        p[:, s:s + n, :, :nk] = pr
+    return o, lse, p
+
+
+@torch.library.custom_op("nsa_tilelang::banded_bwd", mutates_args=(), device_types="cuda")
+def banded_bwd(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], o: Tensor, lse: Tensor, dog: Tensor,
+               cu_seqlens: Optional[Tensor], W: int, KS: int, KC: int, scale: float
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dgate) of og = gate·o (dgate fp32)."""
+    qseq, kseq = layouts(q, cu_seqlens, KS, KC)
+    q, k, v, o, lse, dog = map(kernel_ready, (q, k, v, o, lse, dog))
+    return launch_banded_bwd(q, k, v, kernel_gate(gate, q), o, lse, dog, W, KS, KC, scale, qseq, kseq)
+
+
+@banded_bwd.register_fake
+def _(q, k, v, gate, o, lse, dog, cu_seqlens, W, KS, KC, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
+
+
+def _banded_setup(ctx, inputs, output):
+    q, k, v, gate, cu_seqlens, W, KS, KC, scale = inputs
+    o, _, lse = output
+    ctx.save_for_backward(q, k, v, gate, o, lse, cu_seqlens)
+    ctx.args = (W, KS, KC, scale)
+    ctx.set_materialize_grads(False)
+
+
+def _banded_backward(ctx, _do, dog, _dlse):
+    q, k, v, gate, o, lse, cu_seqlens = ctx.saved_tensors
+    if dog is None:
+        return (None,) * 9
+    dq, dk, dv, dgate = banded_bwd(q, k, v, gate, o, lse, dog, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None if gate is None else dgate.to(gate.dtype), None, None, None, None, None
+
+
+torch.library.register_autograd("nsa_tilelang::banded_fwd", _banded_backward, setup_context=_banded_setup)
+
+
+# -- selected attention ------------------------------------------------------------------------
+
+@torch.library.custom_op("nsa_tilelang::selected_fwd", mutates_args=(), device_types="cuda")
+def selected_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], block_indices: Tensor,
+                 block_counts: Optional[Tensor], cu_seqlens: Optional[Tensor], block_size: int, scale: float
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, og = gate·o, lse) of attention over each token's selected blocks (kernels/selected.py):
+    block_indices `[B, T, H, S]` (any integer dtype), block_counts `[B, T, H]` or None (all S)."""
+    qseq, _ = layouts(q, cu_seqlens)
+    q, k, v = map(kernel_ready, (q, k, v))
+    idx, cnt = _counts(block_counts, block_indices, q, k.shape[2])
+    return launch_selected_fwd(q, k, v, kernel_gate(gate, q), idx, cnt, block_size, scale, qseq)
+
+
+@selected_fwd.register_fake
+def _(q, k, v, gate, block_indices, block_counts, cu_seqlens, block_size, scale):
+    o = q.new_empty(*q.shape[:3], v.shape[-1])
+    return o, torch.empty_like(o), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@selected_fwd.register_kernel("cpu")
+def _(q, k, v, gate, block_indices, block_counts, cu_seqlens, block_size, scale):
+    cu = None if cu_seqlens is None else cu_seqlens.to(q.device)
+    o = R.naive_nsa(q, k, v, None, None, block_indices, block_counts, block_size, 0, scale, cu)
+    g = torch.ones_like(o[..., 0]) if gate is None else gate.to(o.dtype)
+    return o, o * g[..., None], q.new_zeros(q.shape[:3], dtype=torch.float32)  # no backward on the CPU
+
+
+@torch.library.custom_op("nsa_tilelang::selected_bwd", mutates_args=(), device_types="cuda")
+def selected_bwd(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], o: Tensor, lse: Tensor, dog: Tensor,
+                 block_indices: Tensor, block_counts: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                 block_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dgate) of og = gate·o (dgate fp32)."""
+    qseq, _ = layouts(q, cu_seqlens)
+    q, k, v, o, lse, dog = map(kernel_ready, (q, k, v, o, lse, dog))
+    idx, cnt = _counts(block_counts, block_indices, q, k.shape[2])
+    return launch_selected_bwd(q, k, v, kernel_gate(gate, q), o, lse, dog, idx, cnt, block_size, scale, qseq)
+
+
+@selected_bwd.register_fake
+def _(q, k, v, gate, o, lse, dog, block_indices, block_counts, cu_seqlens, block_size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
+
+
+def _selected_setup(ctx, inputs, output):
+    q, k, v, gate, block_indices, block_counts, cu_seqlens, block_size, scale = inputs
+    o, _, lse = output
+    ctx.save_for_backward(q, k, v, gate, o, lse, block_indices, block_counts, cu_seqlens)
+    ctx.args = (block_size, scale)
+    ctx.set_materialize_grads(False)
+
+
+def _selected_backward(ctx, _do, dog, _dlse):
+    q, k, v, gate, o, lse, block_indices, block_counts, cu_seqlens = ctx.saved_tensors
+    if dog is None:
+        return (None,) * 9
+    dq, dk, dv, dgate = selected_bwd(q, k, v, gate, o, lse, dog, block_indices, block_counts, cu_seqlens,
+                                     *ctx.args)
+    return dq, dk, dv, None if gate is None else dgate.to(gate.dtype), None, None, None, None, None
+
+
+torch.library.register_autograd("nsa_tilelang::selected_fwd", _selected_backward, setup_context=_selected_setup)
+
+
+# -- the top-n selection -----------------------------------------------------------------------
+
+@torch.library.custom_op("nsa_tilelang::select_blocks", mutates_args=(), device_types="cuda")
+def select_blocks(q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, cu_seqlens: Optional[Tensor], n: int, l: int, d: int,
+                  l_sel: int, scale: float) -> Tensor:
+    """block_indices `[B, T, H, n]` int32 (nsa_module/topk.select_blocks): block 0 and the two local
+    blocks, then the best Eq. 9-10 scores recomputed from q·k_cmp and the compressed LSE; ascending,
+    -1 padded. Not differentiable."""
+    qseq, kseq = layouts(q, cu_seqlens, d, l - 1)
+    q, k_cmp, lse_cmp = map(kernel_ready, (q, k_cmp, lse_cmp))
+    return launch_select_blocks(q, k_cmp, lse_cmp, n, l, d, l_sel, scale, qseq, kseq)
+
+
+@select_blocks.register_fake
+def _(q, k_cmp, lse_cmp, cu_seqlens, n, l, d, l_sel, scale):
+    return q.new_empty(*q.shape[:2], k_cmp.shape[2], n, dtype=torch.int32)
+
+
+@select_blocks.register_kernel("cpu")
+def _(q, k_cmp, lse_cmp, cu_seqlens, n, l, d, l_sel, scale):
+    qseq, kseq = layouts(q, cu_seqlens, d, l - 1)
+    p = dense_banded(q, k_cmp, k_cmp, 2 ** 30, d, l - 1, scale, qseq, kseq)[2]
+    cu = None if cu_seqlens is None else cu_seqlens.to(q.device)
+    p_slc = R.selection_scores(p, l, d, l_sel, k_cmp.shape[2], cu)
+    return R.select_blocks(p_slc, n, l_sel, cu).to(torch.int32)
+
+
+# -- decoding ----------------------------------------------------------------------------------
 
 @torch.library.custom_op("nsa_tilelang::decode", mutates_args=(), device_types="cuda")
 def decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, num_cmp: Tensor, k_slc: Tensor, v_slc: Tensor,

@@ -1,4 +1,5 @@
-"""Selected-block attention on the TileLang kernels: launchers, the autograd Function, the public op.
+"""Selected-block attention on the TileLang kernels: the launchers (under the ops `selected_fwd` /
+`selected_bwd`, nsa_module/ops.py) and the public function.
 
 The gate is fused: the forward writes the branch output (kept for the backward) and gate·output;
 the dQ kernel also gives the gate's gradient. Backward design: dQ is query-centric (one program
@@ -18,15 +19,15 @@ import torch
 from kernels import selected as K_sel
 from kernels.common import tl_dtype
 
+from . import ops
 from .common import (
     SeqInfo,
     check_cuda,
     check_kernel_block_size,
     check_kernel_inputs,
+    device_tensor,
     empty,
-    kernel_gate,
-    kernel_ready,
-    prepare_block_indices,
+    host_cu_seqlens,
     resolve_scale,
 )
 from reference.checks import check_block_counts, check_block_indices, check_gate
@@ -60,8 +61,8 @@ def _block_layout(lengths: tuple, block_size: int, device: str):
     base = [0]
     for n in nb:
         base.append(base[-1] + n)
-    as_dev = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    return as_dev(blk_start, torch.int32), as_dev(blk_end, torch.int32), as_dev(base, torch.long)
+    return (device_tensor(blk_start, torch.int32, device), device_tensor(blk_end, torch.int32, device),
+            device_tensor(base, torch.long, device))
 
 
 def block_pairs(idx: torch.Tensor, cnt: torch.Tensor, block_size: int, seq: SeqInfo):
@@ -114,25 +115,6 @@ def selected_bwd(q, k, v, gate, o, lse, dog, idx, cnt, block_size: int, scale: f
     return dq, dk, dv, dgate
 
 
-class SelectedAttentionFunction(torch.autograd.Function):
-    """og = gate·selected_attention(q, k, v); the gate is fused into the kernels (a tensor of ones
-    when the caller has none)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, gate, idx, cnt, block_size, scale, seq):
-        o, og, lse = selected_fwd(q, k, v, gate, idx, cnt, block_size, scale, seq)
-        ctx.save_for_backward(q, k, v, gate, o, lse, idx, cnt)
-        ctx.block_size, ctx.scale, ctx.seq = block_size, scale, seq
-        return og
-
-    @staticmethod
-    def backward(ctx, dog):
-        q, k, v, gate, o, lse, idx, cnt = ctx.saved_tensors
-        dq, dk, dv, dgate = selected_bwd(q, k, v, gate, o, lse, kernel_ready(dog), idx, cnt,
-                                         ctx.block_size, ctx.scale, ctx.seq)
-        return dq, dk, dv, dgate.to(gate.dtype), None, None, None, None, None
-
-
 def selected_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -173,8 +155,13 @@ def selected_attention(
     scale = resolve_scale(scale, Kd)
     check_block_indices(block_indices, B, T, H, q)
     check_block_counts(block_counts, B, T, H, block_indices.shape[-1], q)
-    seq = SeqInfo.build(cu_seqlens, B, T, q)
+    cu = host_cu_seqlens(cu_seqlens, B, T, q)
     check_cuda(q, op)
-    idx, cnt = prepare_block_indices(block_indices, block_counts, B, T, H, q)
-    return SelectedAttentionFunction.apply(*map(kernel_ready, (q, k, v)), kernel_gate(g_slc, q), idx, cnt,
-                                           block_size, scale, seq)
+    return selected_unchecked(q, k, v, g_slc, block_indices, block_counts, block_size, scale, cu)
+
+
+def selected_unchecked(q, k, v, g_slc, block_indices, block_counts, block_size: int, scale: float, cu):
+    """selected_attention on validated arguments (cu_seqlens as `host_cu_seqlens` gives it)."""
+    if isinstance(block_counts, int):
+        block_counts = torch.full(block_indices.shape[:3], block_counts, dtype=torch.int32, device=q.device)
+    return ops.selected_fwd(q, k, v, g_slc, block_indices, block_counts, cu, block_size, scale)[1]

@@ -14,26 +14,8 @@ import torch
 from kernels.banded import W_CAP
 from reference.checks import check_gate, check_positive_int
 
-from .banded import banded_bwd, banded_fwd
-from .common import SeqInfo, check_cuda, check_kernel_inputs, kernel_gate, kernel_ready, resolve_scale
-
-
-class SlidingAttentionFunction(torch.autograd.Function):
-    """og = gate·sliding_window_attention(q, k, v)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, gate, window_size, scale, seq):
-        o, og, lse = banded_fwd(q, k, v, gate, window_size, 1, 0, scale, seq, seq)
-        ctx.save_for_backward(q, k, v, gate, o, lse)
-        ctx.window_size, ctx.scale, ctx.seq = window_size, scale, seq
-        return og
-
-    @staticmethod
-    def backward(ctx, dog):
-        q, k, v, gate, o, lse = ctx.saved_tensors
-        dq, dk, dv, dgate = banded_bwd(q, k, v, gate, o, lse, kernel_ready(dog), ctx.window_size, 1, 0,
-                                       ctx.scale, ctx.seq, ctx.seq)
-        return dq, dk, dv, dgate.to(gate.dtype), None, None, None
+from . import ops
+from .common import check_cuda, check_kernel_inputs, host_cu_seqlens, resolve_scale
 
 
 def sliding_window_attention(
@@ -68,6 +50,6 @@ def sliding_window_attention(
     W = min(check_positive_int(window_size, "window_size"), W_CAP)
     check_gate(g_swa, "g_swa", B, T, HQ, q)
     scale = resolve_scale(scale, Kd)
-    seq = SeqInfo.build(cu_seqlens, B, T, q)
+    cu = host_cu_seqlens(cu_seqlens, B, T, q)
     check_cuda(q, op)
-    return SlidingAttentionFunction.apply(*map(kernel_ready, (q, k, v)), kernel_gate(g_swa, q), W, scale, seq)
+    return ops.banded_fwd(q, k, v, g_swa, cu, W, 1, 0, scale)[1]

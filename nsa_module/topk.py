@@ -17,7 +17,7 @@ import torch
 from kernels import topk as K_topk
 from kernels.common import tl_dtype
 
-from .common import SeqInfo, empty
+from .common import SeqInfo, device_tensor, empty
 
 
 @lru_cache(maxsize=16)
@@ -27,7 +27,7 @@ def query_tiles(lengths: tuple, BM: int, device: str) -> torch.Tensor:
     for n in lengths:
         starts += range(s, s + n, BM)
         s += n
-    return torch.tensor(starts, dtype=torch.int32, device=device)
+    return device_tensor(starts, torch.int32, device)
 
 
 def block_scores(q, k_cmp, lse_cmp, l: int, d: int, l_sel: int, scale: float, qseq: SeqInfo, kseq: SeqInfo):

@@ -18,7 +18,8 @@ from kernels.banded import W_CAP
 from nsa_module import nsa
 from nsa_module.banded import banded_fwd
 from nsa_module.common import SeqInfo
-from nsa_module.compressed import compress_mean, compressed_layout
+from nsa_module.common import compressed_layout
+from nsa_module.compressed import compress_mean
 from nsa_module.topk import block_scores, query_tiles, select_blocks, select_from_masked, select_from_scores
 from reference.inputs import random_cu_seqlens, random_gates, random_qkv
 from tests.utils import assert_close, check_selection, hostile_cu, run_both, segments

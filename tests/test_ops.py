@@ -1,17 +1,25 @@
-"""NSA's torch.library custom ops (nsa_module/ops.py): their registrations (fake shapes, autograd)
-checked by torch.library.opcheck, and a two-layer model compiled whole by torch.compile
-(fullgraph=True fails on any graph break) against the same model run eagerly. On the CPU the
-attend op runs the reference forward (no backward there); on the GPU the kernels, both ways."""
+"""NSA's op layer (nsa_module/ops.py): the registrations of every op (fake shapes, autograd)
+checked by torch.library.opcheck; the composition `nsa_branches` and a two-layer model compiled
+whole by torch.compile (fullgraph=True fails on any graph break) against eager. On the CPU the
+forward ops run dense float32 versions of the kernels' masks (no backward there); on the GPU the
+kernels, both ways, plus `torch.compile(nsa)` across lengths and a varlen nsa() with no host sync."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 
-from nsa_module import ops  # noqa: F401  (registers the ops)
+import reference as R
+from nsa_module import nsa, ops
 from nsa_module.layer import NativeSparseAttention
-from tests.utils import LAYER_DECODE, rel_err
+from nsa_module.nsa import nsa_branches
+from reference.inputs import random_gates, random_qkv
+from tests.utils import LAYER_DECODE, packed, rel_err
 
 SMALL = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, compress_block=8, compress_stride=4,
              block_size=8, block_counts=3, window_size=6)
+# a small NSA: G = 2, K != V, l = 8, d = 4, l' = 8, n = 3, W = 6
+CFG = dict(HQ=4, H=2, K=16, V=32, l=8, d=4, ls=8, n=3, W=6)
 
 
 class TwoLayers(nn.Module):
@@ -26,32 +34,87 @@ class TwoLayers(nn.Module):
         return x
 
 
-def attend_args(W, device="cpu", dtype=torch.float32, grad=False, B=2, T=40, HQ=4, H=2, K=16, V=16, l=8, d=4,
-                ls=8, n=3):
-    g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)  # noqa: E731
-    u = lambda *s: torch.rand(*s, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)  # noqa: E731
-    nc = (T - l) // d + 1
-    swa = (r(B, T, H, K), r(B, T, H, V), u(B, T, HQ)) if W > 0 else (None, None, None)
-    return (r(B, T, HQ, K), r(B, nc, H, K), r(B, nc, H, V), r(B, T, H, K), r(B, T, H, V), swa[0], swa[1],
-            u(B, T, HQ), u(B, T, HQ), swa[2], None, l, d, ls, n, W, K ** -0.5)
+def inputs(B, T, device="cpu", dtype=torch.float32, seed=0, c=CFG):
+    q, k, v = random_qkv(B, T, c["HQ"], c["H"], c["K"], c["V"], dtype=dtype, device=device, seed=seed)
+    gates = [random_gates(B, T, c["HQ"], dtype=dtype, device=device, seed=seed + s) for s in (1, 2, 3)]
+    return q, k, v, gates
 
 
-@pytest.mark.parametrize("W", [6, 0], ids=["window", "no-window"])
-def test_attend_op_registrations(W):
-    torch.library.opcheck(torch.ops.nsa_tilelang.attend.default, attend_args(W))
+def composed(q, k, v, gates, cu=None, c=CFG):
+    """nsa()'s composition on validated arguments (nsa_branches over the ops), cu on the host."""
+    kv_cmp = (ops.compress_mean(k, cu, c["l"], c["d"]), ops.compress_mean(v, cu, c["l"], c["d"]))
+    return nsa_branches(q, kv_cmp, (k, v), (k, v), *gates, None, c["n"], c["l"], c["d"], c["ls"], c["W"],
+                        c["K"] ** -0.5, cu)
 
 
-def test_attend_op_on_cpu_is_the_reference():
-    args = attend_args(6)
-    out = torch.ops.nsa_tilelang.attend(*args)
-    o_ref, idx_ref = ops.attend_reference(*args)
-    assert torch.equal(out[0], o_ref) and torch.equal(out[-1].long(), idx_ref)
+def reference(q, k, v, gates, cu=None, c=CFG):
+    return R.naive_nsa_full(q, k, v, *gates, c["n"], c["ls"], c["W"], c["l"], c["d"], cu_seqlens=cu)
+
+
+# -- CPU ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lengths", [None, [5, 8, 1, 23, 9]], ids=["B2", "varlen"])
+def test_compress_mean_op_equals_the_reference_and_its_gradient(lengths):
+    B, T = (2, 37) if lengths is None else (1, sum(lengths))
+    cu = None if lengths is None else packed(lengths, "cpu")
+    x = torch.randn(B, T, 2, 8, dtype=torch.float64, requires_grad=True)
+    ref, _ = R.compress_kv(x, x, 8, 4, cu_seqlens=cu)
+    got = ops.compress_mean(x, None if cu is None else cu.long(), 8, 4)
+    torch.testing.assert_close(got, ref)
+    dy = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(got, x, dy)[0], torch.autograd.grad(ref, x, dy)[0])
+
+
+def test_op_registrations_on_cpu():
+    """Schemas, fake shapes and dispatch of the forward ops (no backward on the CPU)."""
+    q, k, v, (g1, g2, g3) = inputs(2, 40)
+    l, d, ls, n, sc = CFG["l"], CFG["d"], CFG["ls"], CFG["n"], CFG["K"] ** -0.5
+    k_cmp = ops.compress_mean(k, None, l, d)
+    v_cmp = ops.compress_mean(v, None, l, d)
+    _, _, lse = ops.banded_fwd(q, k_cmp, v_cmp, g1, None, 2 ** 30, d, l - 1, sc)
+    idx = ops.select_blocks(q, k_cmp, lse, None, n, l, d, ls, sc)
+    cnt = torch.full(idx.shape[:3], 2, dtype=torch.int32)
+    cu = torch.tensor([0, 40], dtype=torch.int64)
+    for op, args in [
+        (torch.ops.nsa_tilelang.compress_mean.default, (k, None, l, d)),
+        (torch.ops.nsa_tilelang.compress_mean.default, (k[:1], cu, l, d)),
+        (torch.ops.nsa_tilelang.banded_fwd.default, (q, k, v, g3, None, 6, 1, 0, sc)),
+        (torch.ops.nsa_tilelang.banded_fwd.default, (q, k_cmp, v_cmp, None, None, 2 ** 30, d, l - 1, sc)),
+        (torch.ops.nsa_tilelang.selected_fwd.default, (q, k, v, g2, idx, cnt, None, ls, sc)),
+        (torch.ops.nsa_tilelang.select_blocks.default, (q, k_cmp, lse, None, n, l, d, ls, sc)),
+    ]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("lengths", [None, [9, 30, 1, 17]], ids=["B2", "varlen"])
+def test_composition_on_cpu_is_the_reference(lengths):
+    """nsa_branches over the CPU ops equals naive_nsa_full (ids and output)."""
+    B, T = (2, 45) if lengths is None else (1, sum(lengths))
+    cu = None if lengths is None else packed(lengths, "cpu")
+    q, k, v, gates = inputs(B, T)
+    o, idx = composed(q, k, v, gates, None if cu is None else cu.long())
+    o_ref, idx_ref = reference(q, k, v, gates, cu)
+    assert torch.equal(idx.long(), idx_ref)
+    assert rel_err(o, o_ref) <= 1e-5
+
+
+def test_composition_compiles_whole_on_cpu():
+    """nsa()'s composition under torch.compile(fullgraph=True, dynamic=True): one graph, no break,
+    equal to eager, and a second length runs without recompiling."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v, g1, g2, g3: composed(q, k, v, [g1, g2, g3]), fullgraph=True, dynamic=True)
+    for T in (45, 61):
+        q, k, v, gates = inputs(2, T, seed=T)
+        o_c, idx_c = f(q, k, v, *gates)
+        o, idx = composed(q, k, v, gates)
+        assert torch.equal(idx_c, idx) and rel_err(o_c, o) <= 1e-5
+        torch._dynamo.config.error_on_recompile = True  # from the second length on
+    torch._dynamo.config.error_on_recompile = False
 
 
 def test_two_layer_model_compiles_whole_on_cpu(monkeypatch):
-    """The layer's kernel path (the custom op) forced on the CPU, where the op runs the reference
-    forward: torch.compile traces both layers in one graph, equal to eager."""
+    """The layer's kernel path (the ops) forced on the CPU, where the ops run their dense forward:
+    torch.compile traces both layers in one graph, equal to eager."""
     monkeypatch.setattr(NativeSparseAttention, "_use_kernels", lambda self, x: True)
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -60,16 +123,93 @@ def test_two_layer_model_compiles_whole_on_cpu(monkeypatch):
     with torch.no_grad():
         y = model(x)
         y_c = torch.compile(model, fullgraph=True)(x)  # raises on any graph break
-    assert rel_err(y_c, y) <= 1e-4
+        monkeypatch.setattr(NativeSparseAttention, "_use_kernels", lambda self, x: False)
+        y_ref = model(x)
+    assert rel_err(y_c, y) <= 1e-4 and rel_err(y, y_ref) <= 1e-5
+
+
+# -- GPU ----------------------------------------------------------------------------------------
+
+GPU_CFG = dict(HQ=16, H=2, K=64, V=32, l=32, d=16, ls=64, n=4, W=64)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("W", [64, 0], ids=["window", "no-window"])
-def test_attend_op_registrations_gpu(W):
-    """The CUDA op with its backward: fake shapes, autograd registration, AOT dispatch."""
-    args = attend_args(W, "cuda", torch.bfloat16, grad=True, T=300, HQ=16, H=2, K=64, V=64, l=32, d=16, ls=64,
-                       n=4)
-    torch.library.opcheck(torch.ops.nsa_tilelang.attend.default, args, atol=1e-2, rtol=1.6e-2)  # bf16
+def test_op_registrations_gpu():
+    """The CUDA ops with their backward: fake shapes, autograd registration, AOT dispatch."""
+    c, sc = GPU_CFG, GPU_CFG["K"] ** -0.5
+    q, k, v, (g1, g2, g3) = inputs(2, 300, "cuda", torch.bfloat16, c=c)
+    k_cmp, v_cmp = ops.compress_mean(k, None, c["l"], c["d"]), ops.compress_mean(v, None, c["l"], c["d"])
+    _, _, lse = ops.banded_fwd(q, k_cmp, v_cmp, g1, None, 2 ** 30, c["d"], c["l"] - 1, sc)
+    idx = ops.select_blocks(q, k_cmp, lse, None, c["n"], c["l"], c["d"], c["ls"], sc)
+    grad = lambda *xs: [x.detach().requires_grad_() for x in xs]  # noqa: E731
+    qg, kg, vg, kcg, vcg, g1g, g2g, g3g = grad(q, k, v, k_cmp, v_cmp, g1, g2, g3)
+    tol = dict(atol=1e-2, rtol=1.6e-2)  # bf16
+    for op, args in [
+        (torch.ops.nsa_tilelang.compress_mean.default, (kg, None, c["l"], c["d"])),
+        (torch.ops.nsa_tilelang.banded_fwd.default, (qg, kg, vg, g3g, None, c["W"], 1, 0, sc)),
+        (torch.ops.nsa_tilelang.banded_fwd.default, (qg, kcg, vcg, g1g, None, 2 ** 30, c["d"], c["l"] - 1, sc)),
+        (torch.ops.nsa_tilelang.selected_fwd.default, (qg, kg, vg, g2g, idx, None, None, c["ls"], sc)),
+        (torch.ops.nsa_tilelang.select_blocks.default, (q, k_cmp, lse, None, c["n"], c["l"], c["d"], c["ls"], sc)),
+    ]:
+        torch.library.opcheck(op, args, **tol)
+
+
+def _nsa(q, k, v, g1, g2, g3, cu=None):
+    c = GPU_CFG
+    return nsa(q, k, v, g1, g2, g3, block_counts=c["n"], block_size=c["ls"], window_size=c["W"], cu_seqlens=cu,
+               compress_block=c["l"], compress_stride=c["d"])
+
+
+def _fwd_bwd(f, q, k, v, gates, do):
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, *gates)]
+    o = f(*leaves)
+    return [o, *torch.autograd.grad(o, leaves, do)]
+
+
+@pytest.mark.gpu
+def test_nsa_compiles_whole_across_lengths_gpu():
+    """torch.compile(nsa, fullgraph=True, dynamic=True), forward and backward: equal to eager nsa()
+    at three lengths, without a recompile after the first."""
+    torch._dynamo.reset()
+    f = torch.compile(_nsa, fullgraph=True, dynamic=True)
+    try:
+        for T in (300, 517, 1000):
+            q, k, v, gates = inputs(1, T, "cuda", torch.bfloat16, seed=T, c=GPU_CFG)
+            do = torch.randn(1, T, GPU_CFG["HQ"], GPU_CFG["V"], device="cuda", dtype=torch.bfloat16)
+            eager, comp = _fwd_bwd(_nsa, q, k, v, gates, do), _fwd_bwd(f, q, k, v, gates, do)
+            for name, e, c in zip(["o", "dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"], eager, comp):
+                assert rel_err(c, e) <= 1e-6, (T, name)  # the same kernels on the same inputs
+            torch._dynamo.config.error_on_recompile = True
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+
+
+@pytest.mark.gpu
+def test_varlen_nsa_forward_backward_makes_no_host_sync():
+    """cu_seqlens on the CPU: a varlen nsa() forward + backward never waits for the GPU (CUDA's
+    sync debug mode raises on any synchronizing call). On the device: exactly one host read."""
+    lengths = [300, 17, 64, 1, 450, 129]
+    cu = packed(lengths, "cpu")
+    q, k, v, gates = inputs(1, sum(lengths), "cuda", torch.bfloat16, c=GPU_CFG)
+    do = torch.randn(1, sum(lengths), GPU_CFG["HQ"], GPU_CFG["V"], device="cuda", dtype=torch.bfloat16)
+    want = _fwd_bwd(lambda *a: _nsa(*a, cu=cu), q, k, v, gates, do)  # warm: kernels compiled, layouts cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = _fwd_bwd(lambda *a: _nsa(*a, cu=cu), q, k, v, gates, do)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fwd_bwd(lambda *a: _nsa(*a, cu=cu.cuda()), q, k, v, gates, do)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
 @pytest.mark.gpu

@@ -76,12 +76,14 @@ def hostile_cu(T: int, *sizes: int, device="cuda") -> torch.Tensor:
 
 def run_both(ours: Callable, ref: Callable, tensors: Sequence[torch.Tensor], do: Optional[torch.Tensor] = None):
     """ours(*leaves), ref(*float32 leaves) and ref(*leaves in their own dtype) under
-    reference.low_precision(), each backward with one random dO. Returns three lists
+    reference.low_precision(), each backward with one random dO (seeded: a test's result does not
+    depend on which tests ran before it). Returns three lists
     [output, grad of each input] (a grad is None where the output does not depend on the input)."""
     leaves = [x.detach().clone().requires_grad_() for x in tensors]
     o = ours(*leaves)
     if do is None:
-        do = torch.randn_like(o)
+        gen = torch.Generator(device=o.device).manual_seed(1234)
+        do = torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float32).to(o.dtype)
     o.backward(do)
     ref_leaves = [x.detach().float().requires_grad_() for x in tensors]
     r = ref(*ref_leaves)
