@@ -180,15 +180,18 @@ def test_gpu_cu_seqlens_of_other_dtypes_or_strides(make):
 
 
 @pytest.mark.gpu
-def test_gpu_cu_seqlens_on_the_cpu_is_rejected_everywhere():
+def test_gpu_cu_seqlens_on_the_cpu_is_taken_and_another_device_rejected():
+    """cu_seqlens on the CPU (read there without a device sync) gives what it gives on q's device;
+    on any other device it is rejected before a launch."""
     q, k, v, g = _gpu_inputs()
-    cu = torch.tensor([0, 100, 300])
-    for call in (lambda: selected_attention(q, k, v, torch.zeros(1, 300, H, 2, dtype=torch.int32, device="cuda"),
-                                            cu_seqlens=cu),
-                 lambda: sliding_window_attention(q, k, v, 16, cu_seqlens=cu),
-                 lambda: nsa(q, k, v, cu_seqlens=cu)):
+    idx = torch.zeros(1, 300, H, 2, dtype=torch.int32, device="cuda")
+    calls = (lambda cu: selected_attention(q, k, v, idx, cu_seqlens=cu),
+             lambda cu: sliding_window_attention(q, k, v, 16, cu_seqlens=cu),
+             lambda cu: nsa(q, k, v, g, g, g, block_counts=4, block_size=32, window_size=16, cu_seqlens=cu))
+    for call in calls:
+        assert torch.equal(call(torch.tensor([0, 100, 300])), call(torch.tensor([0, 100, 300], device="cuda")))
         with pytest.raises(ValueError, match="cu_seqlens must be on q's device"):
-            call()
+            call(torch.tensor([0, 100, 300], device="meta"))
 
 
 @pytest.mark.gpu

@@ -130,7 +130,7 @@ def test_two_layer_model_compiles_whole_on_cpu(monkeypatch):
 
 # -- GPU ----------------------------------------------------------------------------------------
 
-GPU_CFG = dict(HQ=16, H=2, K=64, V=32, l=32, d=16, ls=64, n=4, W=64)
+GPU_CFG = dict(HQ=16, H=2, K=64, V=64, l=32, d=16, ls=64, n=4, W=64)  # the layer test's kernels
 
 
 @pytest.mark.gpu
