@@ -22,7 +22,7 @@ program owns the rows it writes: no atomics.
 import tilelang
 import tilelang.language as T
 
-from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16, pipelined
+from .common import LOG2E, PASS_CONFIGS, normalized, online_softmax_step, pad16, pipelined, row_lse, softmax_init
 
 # A window this long covers any sequence the int32 kernels index; it also means "no window".
 W_CAP = 1 << 30
@@ -155,9 +155,7 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
             key_range(QOffsets, QSeq, KOffsets, t0, Tq, lo, n_tiles, BM, BN, W, KS, KC)
             load_rows(Q, Q_s, i_b, t0, i_h, G, BM, M)
             load_row_meta(QOffsets, QSeq, KOffsets, t0, Tq, tpos_s, kbos_s, G, BM, M)
-            T.fill(acc_o, 0)
-            T.fill(l, 0)
-            T.fill(m, -T.infinity(acc))
+            softmax_init(acc_o, m, l)
 
             # 13 statements (online_softmax_step is 7), the K and V loads first when double-buffered
             for it in pipelined(n_tiles[0], num_stages, 2, 13):
@@ -174,10 +172,10 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
                 T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             for i, j in T.Parallel(M, V):
-                acc_o[i, j] = T.if_then_else(l[i] > 0, acc_o[i, j] / l[i], 0)
+                acc_o[i, j] = normalized(acc_o[i, j], l[i])
             T.copy(acc_o, O_s)
             for i in T.Parallel(M):
-                l_blk[i] = T.if_then_else(l[i] > 0, T.log2(l[i]) + m[i] * sc, T.infinity(acc))
+                l_blk[i] = row_lse(l[i], m[i], sc, T.infinity(acc))
             T.copy(l_blk, lse_s)
             for rr, d in T.Parallel(M, V):
                 if tpos_s[rr] >= 0:
@@ -324,6 +322,25 @@ def dkv_query_step(Q, dO, LSE, Delta, Gate, QOffsets, QSeq, KOffsets, K_s, V_s, 
     T.gemm(ds_cast, Q_s, acc_dk, policy=policy)
 
 
+@T.macro
+def dkv_tile_start(Kt, Vt, K_s, V_s, acc_dk, acc_dv, i_b, i_h, kt, BN):
+    """A dK/dV program's key tile [kt, kt+BN) into shared memory, its accumulators cleared."""
+    T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
+    T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
+    T.clear(acc_dk)
+    T.clear(acc_dv)
+
+
+def dkv_key_tile(QOffsets, KOffsets, KSeq, kt, Tk, BN: int, KS: int, KC: int):
+    """Where key tile [kt, kt+BN) sits among the queries: (its last key k_last, the first query that
+    sees key kt, the position k_last ends at). The last query that sees the tile is q_last_key +
+    min(W, end of k_last's sequence - q_last_key) - 1: overflow-free, the window is clipped to what
+    is left of the sequence before it is added."""
+    k_last = T.min(kt + BN - 1, Tk - 1)
+    q_lo = QOffsets[KSeq[kt]] + (kt - KOffsets[KSeq[kt]]) * KS + KC
+    return k_last, q_lo, QOffsets[KSeq[k_last]] + (k_last - KOffsets[KSeq[k_last]]) * KS + KC
+
+
 def _dkv_policy(threads: int, BN: int):
     rows_only = threads // 32 <= BN // 16  # see selected.selected_bwd_dkv
     return rows_only, (T.GemmWarpPolicy.FullRow if rows_only else T.GemmWarpPolicy.Square)
@@ -382,17 +399,9 @@ def banded_bwd_dkv(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dty
             i_b = i_bh // H
             i_h = i_bh % H
             kt = i_n * BN
-            k_last = T.min(kt + BN - 1, Tk - 1)
-            # the first query that sees key kt, and the last that sees key k_last (overflow-free:
-            # the window is clipped to what is left of the sequence before it is added)
-            q_lo = QOffsets[KSeq[kt]] + (kt - KOffsets[KSeq[kt]]) * KS + KC
-            q_last_key = QOffsets[KSeq[k_last]] + (k_last - KOffsets[KSeq[k_last]]) * KS + KC
+            k_last, q_lo, q_last_key = dkv_key_tile(QOffsets, KOffsets, KSeq, kt, Tk, BN, KS, KC)
             q_hi = q_last_key + T.min(W, QOffsets[KSeq[k_last] + 1] - q_last_key) - 1
-
-            T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
-            T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
-            T.clear(acc_dk)
-            T.clear(acc_dv)
+            dkv_tile_start(Kt, Vt, K_s, V_s, acc_dk, acc_dv, i_b, i_h, kt, BN)
 
             for it in pipelined(T.ceildiv(T.max(q_hi - q_lo + 1, 0), BM), num_stages, 3, 12):
                 dkv_query_step(Q, dO, LSE, Delta, Gate, QOffsets, QSeq, KOffsets, K_s, V_s, Q_s, dO_s, lse_s,
@@ -468,16 +477,10 @@ def banded_bwd_dkv_split(H: int, G: int, K: int, V: int, W: int, KS: int, KC: in
             i_b = i_bh // H
             i_h = i_bh % H
             kt = i_n * BN
-            k_last = T.min(kt + BN - 1, Tk - 1)
-            q_lo = QOffsets[KSeq[kt]] + (kt - KOffsets[KSeq[kt]]) * KS + KC
-            q_last_key = QOffsets[KSeq[k_last]] + (k_last - KOffsets[KSeq[k_last]]) * KS + KC
+            k_last, q_lo, q_last_key = dkv_key_tile(QOffsets, KOffsets, KSeq, kt, Tk, BN, KS, KC)
             q_hi = q_last_key + T.min(W, QOffsets[KSeq[k_last] + 1] - q_last_key) - 1
             n_q = T.ceildiv(T.max(q_hi - q_lo + 1, 0), BM)
-
-            T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
-            T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
-            T.clear(acc_dk)
-            T.clear(acc_dv)
+            dkv_tile_start(Kt, Vt, K_s, V_s, acc_dk, acc_dv, i_b, i_h, kt, BN)
 
             for it in pipelined(T.ceildiv(T.max(n_q - i_s, 0), NS), num_stages, 3, 12):
                 dkv_query_step(Q, dO, LSE, Delta, Gate, QOffsets, QSeq, KOffsets, K_s, V_s, Q_s, dO_s, lse_s,

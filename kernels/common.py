@@ -1,4 +1,5 @@
-"""Pieces every NSA kernel family shares: dtypes, pass configs and the exp2 online softmax."""
+"""Pieces every NSA kernel family shares: dtypes, pass configs and the exp2 online softmax (its
+state, step and epilogue)."""
 
 import os
 
@@ -35,6 +36,26 @@ def tl_dtype(dtype) -> str:
 def pad16(n: int) -> int:
     """MMA tiles need multiples of 16 rows: the G heads of a group are padded up to one."""
     return max(16, (n + 15) // 16 * 16)
+
+
+@T.macro
+def softmax_init(acc_o, m, l):
+    """An empty running softmax: no output, sum 0, max -inf."""
+    T.fill(acc_o, 0)
+    T.fill(l, 0)
+    T.fill(m, -T.infinity("float32"))
+
+
+def normalized(o, l):
+    """An output element o of a row with softmax sum l, normalized: 0 for a row that saw nothing."""
+    return T.if_then_else(l > 0, o / l, 0)
+
+
+def row_lse(l, m, sc, empty):
+    """A row's base-2 log-sum-exp log2(l) + m·sc (m the running max of the raw scores, sc the scale
+    times log2 e); `empty` for a row that saw nothing (+inf where a backward reads it, so that its
+    exp2(s - LSE) is 0; -inf where partials are merged)."""
+    return T.if_then_else(l > 0, T.log2(l) + m * sc, empty)
 
 
 @T.macro

@@ -30,7 +30,7 @@ K|V]`; ring Kw/Vw `[N, RW, H, K|V]`; O_part `[N, HQ, NST, V]` and LSE_part `[N, 
 import tilelang
 import tilelang.language as T
 
-from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16
+from .common import LOG2E, PASS_CONFIGS, normalized, online_softmax_step, pad16, row_lse, softmax_init
 
 # the selection keeps a sequence's block scores in shared memory (inside decode_sparse next to its
 # Q rows and one K/V tile, ≤ 64 KB at K = V = 256)
@@ -65,32 +65,30 @@ def load_tile(K_s, V_s, Kc, Vc, i_n, i_h, k0, BN):
 
 
 @T.macro
-def start_rows(Q, Q_s, acc_o, m, l, i_n, i_h, G, M, K):
+def start_rows(Q, Q_s, acc_o, m, l_run, i_n, i_h, G, M, K):
     """The G query heads of kv head i_h as M rows (padding rows 0); an empty running softmax."""
     for g, c in T.Parallel(M, K):
         Q_s[g, c] = T.if_then_else(g < G, Q[i_n, i_h * G + T.min(g, G - 1), c], 0)
-    T.fill(acc_o, 0)
-    T.fill(l, 0)
-    T.fill(m, -T.infinity("float32"))
+    softmax_init(acc_o, m, l_run)
 
 
 @T.macro
-def softmax_pv(acc_s, acc_s_cast, V_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V):
+def softmax_pv(acc_s, acc_s_cast, V_s, acc_o, m, m_prev, r, l_run, l_blk, sc, M, BN, V):
     """Fold a masked score tile into the running softmax and add P·V to acc_o."""
-    online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V)
+    online_softmax_step(acc_s, acc_o, m, m_prev, r, l_run, l_blk, sc, M, BN, V)
     T.copy(acc_s, acc_s_cast)
     T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
 
 @T.macro
-def write_partial(O_part, LSE_part, acc_o, m, l, i_n, i_h, col, G, M, V, sc):
+def write_partial(O_part, LSE_part, acc_o, m, l_run, i_n, i_h, col, G, M, V, sc):
     """The program's normalized output and base-2 LSE (0 and -inf if it saw nothing)."""
     for g, c in T.Parallel(M, V):
         if g < G:
-            O_part[i_n, i_h * G + g, col, c] = T.if_then_else(l[g] > 0, acc_o[g, c] / l[g], 0)
+            O_part[i_n, i_h * G + g, col, c] = normalized(acc_o[g, c], l_run[g])
     for g in T.Parallel(M):
         if g < G:
-            LSE_part[i_n, i_h * G + g, col] = T.if_then_else(l[g] > 0, T.log2(l[g]) + m[g] * sc, -T.infinity("float32"))
+            LSE_part[i_n, i_h * G + g, col] = row_lse(l_run[g], m[g], sc, -T.infinity("float32"))
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
@@ -126,7 +124,7 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
             m = T.alloc_fragment([M], acc)
             m_prev = T.alloc_fragment([M], acc)
             r = T.alloc_fragment([M], acc)
-            l = T.alloc_fragment([M], acc)
+            l_run = T.alloc_fragment([M], acc)  # the softmax sums (l is the compression block here)
             l_blk = T.alloc_fragment([M], acc)
 
             nk = T.alloc_local([1], "int32")  # in a register (an expression is reloaded at every use)
@@ -134,7 +132,7 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
             i_h = i_nh % H
             nk[0] = T.min(NumCmp[i_n], CC)
             n_keys = nk[0]
-            start_rows(Q, Q_s, acc_o, m, l, i_n, i_h, G, M, K)
+            start_rows(Q, Q_s, acc_o, m, l_run, i_n, i_h, G, M, K)
 
             n_it = T.ceildiv(T.max(T.ceildiv(n_keys, BN) - i_s, 0), NS1)
             for it in (T.Pipelined(n_it, num_stages=1) if async_copy else T.serial(n_it)):
@@ -146,9 +144,9 @@ def decode_compressed(H: int, G: int, K: int, V: int, BN: int, dtype: str, scale
                 for g, j in T.Parallel(M, BN):
                     if g < G and k0 + j < n_keys:
                         Logits[i_n, i_h * G + g, k0 + j] = acc_s[g, j] * sc
-                softmax_pv(acc_s, acc_s_cast, V_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V)
+                softmax_pv(acc_s, acc_s_cast, V_s, acc_o, m, m_prev, r, l_run, l_blk, sc, M, BN, V)
 
-            write_partial(O_part, LSE_part, acc_o, m, l, i_n, i_h, i_s, G, M, V, sc)
+            write_partial(O_part, LSE_part, acc_o, m, l_run, i_n, i_h, i_s, G, M, V, sc)
             T.pdl_trigger()  # the selection may launch (it waits for this grid before reading)
 
     return main
@@ -187,32 +185,11 @@ def read_counts(sv, NumCmp, Len, i_n, CC, l_sel, NB_MAX):
 
 
 @T.macro
-def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n, i_h,
-                  n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes, rank=None, tourney=None):
-    """The top-n blocks of (sequence i_n, kv head i_h) into sel_s (best first, -1 when fewer than
-    n can be chosen), by all `threads` threads of the program.
-
-    Each head's LSE merged from decode_compressed's NS1 partials; Σ_g p_cmp per compressed key from
-    its logits (Eq. 10); the Eq. 9 block scores as order-preserving int32 keys (float bits,
-    negatives flipped), forced blocks (0 and the two local ones) +inf; ties go to the lower id.
-    Then, for few blocks (`rank` = the buffers of the ranking): every block's rank among all as a
-    count of the blocks that beat it, one 64-bit compare each, the top n placed by rank. For many
-    (`tourney`: the warps' candidate lists in shared memory, the merge's registers, and whether a
-    thread holds one block): each warp its own top n, best first — with a block a thread, each
-    block's rank in its warp from 32 shuffles; else n rounds of two single-instruction warp
-    reductions (max key, then min id among equal keys), each thread caching the best of its own
-    blocks j ≡ tx and only the owner of a round's winner rescanning for its best after it; then,
-    after one barrier, warp 0 merges the warps' sorted lists (lane w holds the head of warp w's)
-    in n rounds of warp reductions: no barrier inside a round."""
+def merge_head_lse(LSE_part, lse_s, a, b, ev, tx, i_n, i_h, NS1, G, threads, lse_lanes):
+    """lse_s `[G]` <- each head's LSE merged from decode_compressed's NS1 partials: TPH threads a
+    head, each an online log-sum-exp over its splits (LT loads in flight at a time), merged across
+    the group by shuffles."""
     acc = "float32"
-    R = l_sel // d  # compressed keys per selection block stride
-    NKJ = (l_sel + l - d) // d  # compressed keys overlapping one selection block
-    first_key = (l - d) // d  # of block j: keys j·R - first_key … j·R - first_key + NKJ - 1
-    NW = threads // 32
-    lane = tx % 32
-    warp = tx // 32
-    # each head's LSE from the NS1 partials: TPH threads a head, each an online log-sum-exp over
-    # its splits (LT loads in flight at a time), merged across the group by shuffles
     TPH, LT, LOG_TPH = lse_lanes
     HPP = threads // TPH  # heads per pass
     for ps in T.unroll((G + HPP - 1) // HPP):
@@ -240,7 +217,13 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi
         if tx % TPH == 0 and g < G:
             lse_s[g] = T.if_then_else(b[0] > 0, a[0] + T.log2(b[0]), -T.infinity(acc))
     T.sync_threads()
-    for kb in T.serial(T.ceildiv(n_keys, threads * U)):  # U keys per thread a step
+
+
+@T.macro
+def key_probs(Logits, lse_s, P_s, pu, tx, i_n, i_h, n_keys, CC, G, U, threads):
+    """P_s[i] <- Σ_g p_cmp of compressed key i (Eq. 10's sum over the group), from its logits and
+    the heads' LSEs; U keys per thread a step."""
+    for kb in T.serial(T.ceildiv(n_keys, threads * U)):
         for u in T.unroll(U):
             pu[u] = 0
         for g in T.unroll(G):
@@ -253,6 +236,17 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi
             if ik2 < n_keys:
                 P_s[ik2] = pu[u]
     T.sync_threads()
+
+
+@T.macro
+def block_keys(P_s, S_s, a, bk, bi, tx, n_keys, cur, NB, threads, l, d, l_sel, track_best):
+    """S_s[j] <- the Eq. 9 score of selection block j as an order-preserving int32 key (float bits,
+    negatives flipped), +inf's key for the forced blocks (0 and the two local ones); with
+    track_best each thread also keeps its best block (bk, bi) for the tournament."""
+    acc = "float32"
+    R = l_sel // d  # compressed keys per selection block stride
+    NKJ = (l_sel + l - d) // d  # compressed keys overlapping one selection block
+    first_key = (l - d) // d  # of block j: keys j·R - first_key … j·R - first_key + NKJ - 1
     bk[0] = KEY_MIN
     bi[0] = BIG
     for jb in T.serial(T.ceildiv(NB, threads)):
@@ -268,88 +262,125 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi
             key = T.if_then_else(j == 0 or j == cur or j == cur - 1, KEY_POS_INF,
                                  T.if_then_else(bits >= 0, bits, bits ^ 0x7FFFFFFF))
             S_s[j] = key
-            if rank is None and key > bk[0]:  # ascending ids: the first of equal keys stays
+            if track_best and key > bk[0]:  # ascending ids: the first of equal keys stays
                 bk[0] = key
                 bi[0] = j
     # every thread is done reading P_s: the shared-memory planner may place what follows on it,
     # and TileLang inserts no barrier for that reuse by itself
     T.sync_threads()
+
+
+@T.macro
+def rank_blocks(S_s, sel_s, C_s, rk, cj, cv, tx, NB, threads, n_sel, OWN, NB_MAX):
+    """For few blocks: every block's rank among all, the top n placed by rank into sel_s."""
+    # each block's rank among all: keys made unique as (key, -id) in one int64 (higher key
+    # first, then the lower id), so a comparison is one 64-bit compare; the top n fill sel_s
+    for jb in T.serial(T.ceildiv(NB_MAX, threads)):  # the thread that wrote S_s[j]
+        if jb * threads + tx < NB_MAX:
+            C_s[jb * threads + tx] = order_key(
+                T.if_then_else(jb * threads + tx < NB, S_s[jb * threads + tx], KEY_MIN), jb * threads + tx)
+    for t in T.serial(T.ceildiv(n_sel, threads)):
+        if t * threads + tx < n_sel:
+            sel_s[t * threads + tx] = -1
+    T.sync_threads()  # C_s complete, sel_s cleared
+    for o in T.unroll(OWN):
+        rk[o] = 0
+        cj[o] = C_s[o * threads + tx]
+    for ib in T.serial(T.ceildiv(NB, 4)):  # past NB: padding, below every block
+        for u in T.vectorized(4):
+            cv[u] = C_s[ib * 4 + u]
+        for u in T.unroll(4):
+            for o in T.unroll(OWN):
+                rk[o] += T.if_then_else(cv[u] > cj[o], 1, 0)
+    for o in T.unroll(OWN):
+        if o * threads + tx < NB and rk[o] < n_sel and S_s[o * threads + tx] > KEY_NEG_INF:
+            sel_s[rk[o]] = o * threads + tx
+
+
+@T.macro
+def tourney_blocks(S_s, sel_s, cand_k, cand_i, hp, sl_, c64, bk, bi, pk, tx, NB, threads, n_sel, one_each):
+    """For many blocks: each warp its own top n, best first, then warp 0 merges the warps' lists
+    (see choose_blocks)."""
+    NW = threads // 32
+    lane = tx % 32
+    warp = tx // 32
+    if one_each:
+        # a block per thread: its rank in the warp from 32 shuffles of the (key, -id) int64s
+        c64[0] = order_key(T.if_then_else(tx < NB, S_s[T.min(tx, NB - 1)], KEY_MIN), tx)
+        pk[0] = 0
+        for i in T.unroll(32):
+            c64[1] = T.shfl_sync(c64[0], i)
+            pk[0] += T.if_then_else(c64[1] > c64[0], 1, 0)
+        if pk[0] < n_sel:
+            cand_k[warp, pk[0]] = T.if_then_else(tx < NB, S_s[T.min(tx, NB - 1)], KEY_MIN)
+            cand_i[warp, pk[0]] = T.if_then_else(tx < NB, tx, BIG)
+    else:
+        for rnd in T.serial(n_sel):  # each warp's top n, best first
+            wk = T.warp_reduce_max(bk[0])
+            wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
+            if lane == 0:
+                cand_k[warp, rnd] = wk
+                cand_i[warp, rnd] = wi
+            if wi < BIG and wi == bi[0]:  # (a warp with no blocks left reports BIG)
+                # the owner moves on to its best block ranked after the winner (S_s stays
+                # read-only: no thread reads another's blocks, so no barrier is needed here)
+                pk[0] = bk[0]
+                bk[0] = KEY_MIN
+                bi[0] = BIG
+                for jb2 in T.serial(T.ceildiv(NB, threads)):
+                    j2 = jb2 * threads + tx
+                    if j2 < NB:
+                        k3 = S_s[j2]
+                        if (k3 < pk[0] or (k3 == pk[0] and j2 > wi)) and k3 > bk[0]:
+                            bk[0] = k3
+                            bi[0] = j2
+    T.sync_threads()
+    if warp == 0:  # merge the NW sorted lists: lane w holds the head of warp w's
+        # only shared-memory reads in here (a write would make TileLang put a barrier inside
+        # this one-warp branch): round r's winner stays in lane r % 32's register sl[r // 32]
+        hp[0] = 0
+        bk[0] = T.if_then_else(lane < NW, cand_k[T.min(lane, NW - 1), 0], KEY_MIN)
+        bi[0] = T.if_then_else(lane < NW, cand_i[T.min(lane, NW - 1), 0], BIG)
+        for rnd in T.serial(n_sel):
+            gk = T.warp_reduce_max(bk[0])
+            gi = T.warp_reduce_min(T.if_then_else(bk[0] == gk, bi[0], BIG))
+            for q in T.unroll((n_sel + 31) // 32):
+                if rnd == q * 32 + lane:
+                    sl_[q] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
+            if bk[0] == gk and bi[0] == gi:
+                hp[0] += 1
+                bk[0] = T.if_then_else(hp[0] < n_sel, cand_k[T.min(lane, NW - 1), T.min(hp[0], n_sel - 1)], KEY_MIN)
+                bi[0] = T.if_then_else(hp[0] < n_sel, cand_i[T.min(lane, NW - 1), T.min(hp[0], n_sel - 1)], BIG)
+        for q in T.unroll((n_sel + 31) // 32):
+            if q * 32 + lane < n_sel:
+                sel_s[q * 32 + lane] = sl_[q]
+
+
+@T.macro
+def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n, i_h,
+                  n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes, rank=None, tourney=None):
+    """The top-n blocks of (sequence i_n, kv head i_h) into sel_s (best first, -1 when fewer than
+    n can be chosen), by all `threads` threads of the program, in four steps:
+    merge_head_lse (each head's LSE), key_probs (Σ_g p_cmp per compressed key, Eq. 10),
+    block_keys (the Eq. 9 block scores as int32 keys; ties go to the lower id), then
+    rank_blocks for few blocks (`rank` = its buffers: each block's rank among all as a count of the
+    blocks that beat it, one 64-bit compare each) or tourney_blocks for many (`tourney`: the warps'
+    candidate lists in shared memory, the merge's registers, and whether a thread holds one block):
+    each warp its own top n, best first — with a block a thread, each block's rank in its warp from
+    32 shuffles; else n rounds of two single-instruction warp reductions (max key, then min id among
+    equal keys), each thread caching the best of its own blocks j ≡ tx and only the owner of a
+    round's winner rescanning for its best after it; then, after one barrier, warp 0 merges the
+    warps' sorted lists (lane w holds the head of warp w's) in n rounds of warp reductions: no
+    barrier inside a round."""
+    merge_head_lse(LSE_part, lse_s, a, b, ev, tx, i_n, i_h, NS1, G, threads, lse_lanes)
+    key_probs(Logits, lse_s, P_s, pu, tx, i_n, i_h, n_keys, CC, G, U, threads)
+    block_keys(P_s, S_s, a, bk, bi, tx, n_keys, cur, NB, threads, l, d, l_sel, rank is None)
     if rank is not None:
-        # each block's rank among all: keys made unique as (key, -id) in one int64 (higher key
-        # first, then the lower id), so a comparison is one 64-bit compare; the top n fill sel_s
         C_s, rk, cj, cv, OWN, NB_MAX = rank
-        for jb in T.serial(T.ceildiv(NB_MAX, threads)):  # the thread that wrote S_s[j]
-            if jb * threads + tx < NB_MAX:
-                C_s[jb * threads + tx] = order_key(
-                    T.if_then_else(jb * threads + tx < NB, S_s[jb * threads + tx], KEY_MIN), jb * threads + tx)
-        for t in T.serial(T.ceildiv(n_sel, threads)):
-            if t * threads + tx < n_sel:
-                sel_s[t * threads + tx] = -1
-        T.sync_threads()  # C_s complete, sel_s cleared
-        for o in T.unroll(OWN):
-            rk[o] = 0
-            cj[o] = C_s[o * threads + tx]
-        for ib in T.serial(T.ceildiv(NB, 4)):  # past NB: padding, below every block
-            for u in T.vectorized(4):
-                cv[u] = C_s[ib * 4 + u]
-            for u in T.unroll(4):
-                for o in T.unroll(OWN):
-                    rk[o] += T.if_then_else(cv[u] > cj[o], 1, 0)
-        for o in T.unroll(OWN):
-            if o * threads + tx < NB and rk[o] < n_sel and S_s[o * threads + tx] > KEY_NEG_INF:
-                sel_s[rk[o]] = o * threads + tx
+        rank_blocks(S_s, sel_s, C_s, rk, cj, cv, tx, NB, threads, n_sel, OWN, NB_MAX)
     else:
         cand_k, cand_i, hp, sl_, c64, one_each = tourney
-        if one_each:
-            # a block per thread: its rank in the warp from 32 shuffles of the (key, -id) int64s
-            c64[0] = order_key(T.if_then_else(tx < NB, S_s[T.min(tx, NB - 1)], KEY_MIN), tx)
-            pk[0] = 0
-            for i in T.unroll(32):
-                c64[1] = T.shfl_sync(c64[0], i)
-                pk[0] += T.if_then_else(c64[1] > c64[0], 1, 0)
-            if pk[0] < n_sel:
-                cand_k[warp, pk[0]] = T.if_then_else(tx < NB, S_s[T.min(tx, NB - 1)], KEY_MIN)
-                cand_i[warp, pk[0]] = T.if_then_else(tx < NB, tx, BIG)
-        else:
-            for rnd in T.serial(n_sel):  # each warp's top n, best first
-                wk = T.warp_reduce_max(bk[0])
-                wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
-                if lane == 0:
-                    cand_k[warp, rnd] = wk
-                    cand_i[warp, rnd] = wi
-                if wi < BIG and wi == bi[0]:  # (a warp with no blocks left reports BIG)
-                    # the owner moves on to its best block ranked after the winner (S_s stays
-                    # read-only: no thread reads another's blocks, so no barrier is needed here)
-                    pk[0] = bk[0]
-                    bk[0] = KEY_MIN
-                    bi[0] = BIG
-                    for jb2 in T.serial(T.ceildiv(NB, threads)):
-                        j2 = jb2 * threads + tx
-                        if j2 < NB:
-                            k3 = S_s[j2]
-                            if (k3 < pk[0] or (k3 == pk[0] and j2 > wi)) and k3 > bk[0]:
-                                bk[0] = k3
-                                bi[0] = j2
-        T.sync_threads()
-        if warp == 0:  # merge the NW sorted lists: lane w holds the head of warp w's
-            # only shared-memory reads in here (a write would make TileLang put a barrier inside
-            # this one-warp branch): round r's winner stays in lane r % 32's register sl[r // 32]
-            hp[0] = 0
-            bk[0] = T.if_then_else(lane < NW, cand_k[T.min(lane, NW - 1), 0], KEY_MIN)
-            bi[0] = T.if_then_else(lane < NW, cand_i[T.min(lane, NW - 1), 0], BIG)
-            for rnd in T.serial(n_sel):
-                gk = T.warp_reduce_max(bk[0])
-                gi = T.warp_reduce_min(T.if_then_else(bk[0] == gk, bi[0], BIG))
-                for q in T.unroll((n_sel + 31) // 32):
-                    if rnd == q * 32 + lane:
-                        sl_[q] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
-                if bk[0] == gk and bi[0] == gi:
-                    hp[0] += 1
-                    bk[0] = T.if_then_else(hp[0] < n_sel, cand_k[T.min(lane, NW - 1), T.min(hp[0], n_sel - 1)], KEY_MIN)
-                    bi[0] = T.if_then_else(hp[0] < n_sel, cand_i[T.min(lane, NW - 1), T.min(hp[0], n_sel - 1)], BIG)
-            for q in T.unroll((n_sel + 31) // 32):
-                if q * 32 + lane < n_sel:
-                    sel_s[q * 32 + lane] = sl_[q]
+        tourney_blocks(S_s, sel_s, cand_k, cand_i, hp, sl_, c64, bk, bi, pk, tx, NB, threads, n_sel, one_each)
     T.sync_threads()
 
 

@@ -21,7 +21,7 @@ tokens that selected the block, BQ of them per step. No atomics; deterministic.
 import tilelang
 import tilelang.language as T
 
-from .common import LOG2E, PASS_CONFIGS, online_softmax_step, pad16
+from .common import LOG2E, PASS_CONFIGS, normalized, online_softmax_step, pad16, row_lse, softmax_init
 
 
 @T.macro
@@ -123,9 +123,7 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
             n_s = T.min(BlockCnt[i_b, i_t, i_h], S)
 
             load_group(Q, Q_s, i_b, i_t, i_h, G, GP)
-            T.fill(acc_o, 0)
-            T.fill(l, 0)
-            T.fill(m, -T.infinity(acc))
+            softmax_init(acc_o, m, l)
             n_tiles[0] = 0
             collect_tiles(BlockIdx, i_b, i_t, i_h, n_s, t, tiles, n_tiles, S, BS, BN)
 
@@ -143,14 +141,14 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
                 T.gemm(P_s, V_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
 
             for i, j in T.Parallel(GP, V):
-                acc_o[i, j] = T.if_then_else(l[i] > 0, acc_o[i, j] / l[i], 0)
+                acc_o[i, j] = normalized(acc_o[i, j], l[i])
             T.copy(acc_o, O_s)
             for g, d in T.Parallel(G, V):
                 O[i_b, i_t, i_h * G + g, d] = O_s[g, d]
                 OG[i_b, i_t, i_h * G + g, d] = O_s[g, d] * Gate[i_b, i_t, i_h * G + g]
             # empty rows get LSE = +inf: the backward's exp2(s - LSE) is then 0, never NaN
             for i in T.Parallel(GP):
-                l_blk[i] = T.if_then_else(l[i] > 0, T.log2(l[i]) + m[i] * sc, T.infinity(acc))
+                l_blk[i] = row_lse(l[i], m[i], sc, T.infinity(acc))
             T.copy(l_blk, lse_s)
             for g in T.Parallel(G):
                 LSE[i_b, i_t, i_h * G + g] = lse_s[g]
