@@ -17,7 +17,12 @@ def _shape(x: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in x.shape) + "]"
 
 
-def check_tensor(x, name: str, ndim: int, layout: str) -> None:
+def check_tensor(x, name: str, ndim: int, layout) -> None:
+    """x is a tensor of ndim dims; layout describes the expected shape in the message: a string, or
+    a callable giving one (formatted only on an error: formatting the sizes of a tensor traced by
+    torch.compile would pin them to their values and recompile for every length)."""
+    if callable(layout) and (not isinstance(x, torch.Tensor) or x.dim() != ndim):
+        layout = layout()
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
     if x.dim() != ndim:
@@ -54,7 +59,7 @@ def check_gate(g, name: str, B: int, T: int, HQ: int, like: torch.Tensor) -> Non
     """A gate is None (meaning 1) or a floating tensor `[B, T, HQ]` on q's device."""
     if g is None:
         return
-    check_tensor(g, name, 3, f"[B={B}, T={T}, HQ={HQ}]")
+    check_tensor(g, name, 3, lambda: f"[B={B}, T={T}, HQ={HQ}]")
     if tuple(g.shape) != (B, T, HQ):
         raise ValueError(f"{name} must have shape [B={B}, T={T}, HQ={HQ}], got {_shape(g)}")
     if not g.is_floating_point():
@@ -73,7 +78,7 @@ def check_positive_int(x, name: str, minimum: int = 1) -> int:
 
 def check_block_indices(block_indices, B: int, T: int, H: int, like: torch.Tensor) -> int:
     """block_indices `[B, T, H, S]` of an integer dtype; returns S."""
-    check_tensor(block_indices, "block_indices", 4, f"[B={B}, T={T}, H={H}, S]")
+    check_tensor(block_indices, "block_indices", 4, lambda: f"[B={B}, T={T}, H={H}, S]")
     if tuple(block_indices.shape[:3]) != (B, T, H):
         raise ValueError(f"block_indices must have shape [B={B}, T={T}, H={H}, S], got {_shape(block_indices)}")
     if block_indices.dtype not in _INT_DTYPES:
@@ -96,7 +101,7 @@ def check_block_counts(block_counts, B: int, T: int, H: int, S: int, like: torch
         if not 0 <= block_counts <= S:
             raise ValueError(f"block_counts must lie in [0, S={S}], got {block_counts}")
         return
-    check_tensor(block_counts, "block_counts", 3, f"[B={B}, T={T}, H={H}]")
+    check_tensor(block_counts, "block_counts", 3, lambda: f"[B={B}, T={T}, H={H}]")
     if tuple(block_counts.shape) != (B, T, H):
         raise ValueError(f"block_counts must have shape [B={B}, T={T}, H={H}], got {_shape(block_counts)}")
     if block_counts.dtype not in _INT_DTYPES:

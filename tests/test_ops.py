@@ -112,6 +112,28 @@ def test_composition_compiles_whole_on_cpu():
     torch._dynamo.config.error_on_recompile = False
 
 
+def test_nsa_compiles_whole_across_lengths_on_cpu(monkeypatch):
+    """nsa() itself (its checks included) under torch.compile(fullgraph=True, dynamic=True), its
+    launches on the CPU ops: three lengths, no recompile after the first (a check that formatted a
+    size into a message once pinned T), equal to eager."""
+    import sys
+    monkeypatch.setattr(sys.modules["nsa_module.nsa"], "check_cuda", lambda q, op: None)
+    c = dict(CFG, ls=16)  # the kernels' smallest block_size
+
+    def f(q, k, v, g1, g2, g3):
+        return nsa(q, k, v, g1, g2, g3, block_counts=c["n"], block_size=c["ls"], window_size=c["W"],
+                   compress_block=c["l"], compress_stride=c["d"])
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    try:
+        for T in (45, 61, 77):
+            q, k, v, gates = inputs(1, T, dtype=torch.bfloat16, seed=T)
+            assert rel_err(cf(q, k, v, *gates), f(q, k, v, *gates)) <= 1e-2  # bf16 sums fused or not
+            torch._dynamo.config.error_on_recompile = True
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+
+
 def test_two_layer_model_compiles_whole_on_cpu(monkeypatch):
     """The layer's kernel path (the ops) forced on the CPU, where the ops run their dense forward:
     torch.compile traces both layers in one graph, equal to eager."""
