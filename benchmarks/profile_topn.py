@@ -2,16 +2,17 @@
 the default variant and with block_scores + the exact ranking on hostile inputs, then time and the
 score part's TFLOP/s in the paper config; writes benchmarks/results/<device>/profile_topn.json.
 
-    python benchmarks/profile_topn.py [--T 16384 32768 65536] [--variants rank warp warp-jt32] [--skip-checks]
+    python benchmarks/profile_topn.py [--T 16384 32768 65536] [--variants rank warp warp-qreg warp-jt32] [--skip-checks]
 
 A variant is block_topn's merge ("rank": today's, the n + JT candidates of a step ranked in shared
-memory; "warp": one warp per token, kept list in registers, shuffles) and its step of JT selection
-blocks (kernels/topk.py: pick_topn_config). Checks, each for every variant: a packed batch of hostile
-lengths (1-token sequences, lengths around l, d, l' and the query tile, then a long odd one), once
-with random keys and once with all-zero keys (every score of a row tied), at G = 1, 4, 16 and n = 16,
-and at G = 16 also n = 3 and 33. Ids must equal the first variant's and
-select_from_masked(block_scores(...), exact) at every row; a failed check is printed and makes the
-exit status 1 (timings still run and are written).
+memory; "warp": one warp per token, kept list in registers, shuffles), whether Q stays in registers
+(warp only) and its step of JT selection blocks (kernels/topk.py: pick_topn_config).
+
+Checks, for every variant: a packed batch of hostile lengths (1-token sequences, lengths around l,
+d, l' and the query tile, then a long odd one; 4099 tokens), once with random keys and once with
+all-zero keys (every score of a row tied), at G = 1, 4, 16 with n = 16 and at G = 16 with n = 3 and
+33. Ids must equal the first variant's and select_from_masked(block_scores(...), exact) at every row;
+a failed check is printed and makes the exit status 1 (the timings still run and are written).
 """
 import argparse
 import functools
@@ -34,6 +35,7 @@ from nsa_module.topk import block_scores, select_blocks, select_from_masked  # n
 VARIANTS = {
     "rank": dict(merge="rank"),
     "warp": dict(merge="warp"),
+    "warp-qreg": dict(merge="warp", q_regs=True),
     "warp-jt32": dict(merge="warp", JT=32),
 }
 ORIG_PICK = K_topk.pick_topn_config

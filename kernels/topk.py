@@ -44,14 +44,15 @@ def warp_layout(BM: int, threads: int, n: int, JT: int) -> tuple:
     return -(-BM // (threads // 32)), -(-n // 32), -(-JT // 32)
 
 
-def pick_topn_config(G: int, K: int, l: int, d: int, l_sel: int, n: int, merge: str = "rank", JT: int = 0) -> dict:
+def pick_topn_config(G: int, K: int, l: int, d: int, l_sel: int, n: int, merge: str = "rank", JT: int = 0,
+                     q_regs: bool = False) -> dict:
     """pick_config plus block_topn's merge ("rank" today's default; "warp" where its kept lists fit
-    WARP_KEPT_REGS registers a lane, else "rank")."""
+    WARP_KEPT_REGS registers a lane, else "rank") and, for "warp", whether Q stays in registers."""
     c = pick_config(G, K, l, d, l_sel, JT)
     if merge == "warp":
         tpw, R, _ = warp_layout(c["BM"], c["threads"], n, c["JT"])
         merge = "warp" if 2 * tpw * R <= WARP_KEPT_REGS else "rank"
-    return dict(c, merge=merge)
+    return dict(c, merge=merge, q_regs=q_regs and merge == "warp")
 
 
 # what block_topn may use of an SM's 227 KB of shared memory, with room for TileLang's own
@@ -71,11 +72,12 @@ def topn_smem(G: int, K: int, l: int, d: int, l_sel: int, n: int, merge: str = "
 
 
 def p_stride(BN: int, merge: str) -> int:
-    """Row stride of the probability tile P_s. The accumulator fragment stores it column pairs of 8
-    rows per instruction; with BN a multiple of 16 rows r and r + 2 share banks (4-way conflicts).
-    BN + 4 spreads the 8 rows over all even banks: 2-way, the least a 4-byte scatter of that shape
-    allows. "rank" keeps its stride (its code stays as measured)."""
-    return BN + 4 if merge == "warp" else BN
+    """Row stride of the probability tile P_s. The accumulator fragment stores it as column pairs of 8
+    rows per instruction; with BN a multiple of 16 rows r and r + 2 share banks (4-way conflicts for
+    the "rank" merge's 4-byte stores). The "warp" merge stores pairs (8 bytes: a half-warp's 4 rows at
+    a time), conflict-free when the stride is 8 or 24 words modulo 32: BN + 8. "rank" keeps its
+    stride (its code stays as measured)."""
+    return BN + 8 if merge == "warp" else BN
 
 
 @T.macro
@@ -122,11 +124,20 @@ def chunk_scores(Kc, Q_s, K_s, P_s, Pg_s, S_s, acc_s, lse_s, racc, tx, i_b, i_h,
     T.copy(Kc[i_b, kbos + i0:kbos + i0 + BN, i_h, :], K_s)
     T.clear(acc_s)
     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-    for r, c in T.Parallel(M, BN):
-        i = i0 + c
-        t = t0 + r // G - bos
-        ok = i >= 0 and i < n_keys and i * d + l - 1 <= t and r < n_tok * G
-        P_s[r, c] = T.if_then_else(ok, T.exp2(acc_s[r, c] * sc - lse_s[r]), 0)
+    if with_s:
+        for r, c in T.Parallel(M, BN):
+            i = i0 + c
+            t = t0 + r // G - bos
+            ok = i >= 0 and i < n_keys and i * d + l - 1 <= t and r < n_tok * G
+            P_s[r, c] = T.if_then_else(ok, T.exp2(acc_s[r, c] * sc - lse_s[r]), 0)
+    else:
+        # the same values, formed in the accumulator (LSE from registers) and stored as one vectorized copy
+        for r, c in T.Parallel(M, BN):
+            i = i0 + c
+            t = t0 + r // G - bos
+            ok = i >= 0 and i < n_keys and i * d + l - 1 <= t and r < n_tok * G
+            acc_s[r, c] = T.if_then_else(ok, T.exp2(acc_s[r, c] * sc - lse_s[r]), 0)
+        T.copy(acc_s, P_s[0:M, 0:BN])
     # every thread wrote part of P_s; TileLang 0.1.15 only syncs the threads that read it
     T.sync_threads()
     for e in T.serial(T.ceildiv(BM * BN, threads)):
@@ -230,7 +241,8 @@ def beats(v_a, i_a, v_b, i_b):
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def block_topn(H: int, G: int, K: int, l: int, d: int, l_sel: int, n: int, dtype: str, scale: float,
-               BM: int = 4, M: int = 64, BN: int = 80, JT: int = 16, threads: int = 128, merge: str = "rank"):
+               BM: int = 4, M: int = 64, BN: int = 80, JT: int = 16, threads: int = 128, merge: str = "rank",
+               q_regs: bool = False):
     """Kernel(Q, Kc, LSE, TileStart, QOffsets, QSeq, KOffsets, Ids): the top-n selection on chip.
 
     Ids `[B, Tq, H, n]` int32: block 0 and the two local blocks, then the highest scores among the
@@ -243,11 +255,12 @@ def block_topn(H: int, G: int, K: int, l: int, d: int, l_sel: int, n: int, dtype
     merge "warp" (same ids; pick_topn_config says where it fits): one warp per token keeps its top n
     sorted in registers; a step's blocks are scored by the lanes that merge them, only candidates
     beating the n-th kept enter, ranked with shuffles: no block barrier and no shared memory in the
-    merge (topn_warp)."""
+    merge (topn_warp). q_regs (warp merge only): the tile's Q stays in registers for every step's MMA
+    (wgmma with A from registers) instead of being read from shared memory each step."""
     if merge == "warp":
-        return topn_warp(H, G, K, l, d, l_sel, n, dtype, scale, BM, M, BN, JT, threads)
-    if merge != "rank":
-        raise ValueError(f"block_topn merge must be 'rank' or 'warp', got {merge!r}")
+        return topn_warp(H, G, K, l, d, l_sel, n, dtype, scale, BM, M, BN, JT, threads, q_regs)
+    if merge != "rank" or q_regs:
+        raise ValueError(f"block_topn takes merge 'rank' or 'warp' (q_regs only with 'warp'), got {merge!r}, {q_regs}")
     return topn_rank(H, G, K, l, d, l_sel, n, dtype, scale, BM, M, BN, JT, threads)
 
 
@@ -347,7 +360,7 @@ def topn_rank(H: int, G: int, K: int, l: int, d: int, l_sel: int, n: int, dtype:
 
 
 def topn_warp(H: int, G: int, K: int, l: int, d: int, l_sel: int, n: int, dtype: str, scale: float,
-              BM: int, M: int, BN: int, JT: int, threads: int):
+              BM: int, M: int, BN: int, JT: int, threads: int, q_regs: bool):
     """block_topn's "warp" merge. Token bt of the tile belongs to warp bt % warps (tpw tokens a warp);
     its kept list, sorted in the (score, -id) order, lives in registers: entry p in lane p % 32,
     register p // 32 (R a lane), empty slots (-inf, NONE). A step's block jt·JT + jj is scored by
@@ -395,6 +408,7 @@ def topn_warp(H: int, G: int, K: int, l: int, d: int, l_sel: int, n: int, dtype:
             Pg_s = T.alloc_shared([BM, BN], acc)
             lse_s = T.alloc_shared([M], acc)
             acc_s = T.alloc_fragment([M, BN], acc)
+            Q_f = T.alloc_fragment([M, K], dtype) if q_regs else Q_s  # the MMA's A operand
             racc = T.alloc_local([1], acc)
             kv = T.alloc_local([tpw * R], acc)  # kept scores, sorted (token k's in k·R … k·R+R-1)
             ki = T.alloc_local([tpw * R], "int32")  # their block ids
@@ -429,12 +443,14 @@ def topn_warp(H: int, G: int, K: int, l: int, d: int, l_sel: int, n: int, dtype:
             n_tok = T.min(BM, eos - t0)  # tokens of this tile (all in sequence sq)
             t_last = t0 + n_tok - 1 - bos  # position of the tile's last token
             load_tile(Q, LSE, Q_s, lse_s, i_b, i_h, t0, n_tok, Tq, G, M)
+            if q_regs:
+                T.copy(Q_s, Q_f)
             for e in T.unroll(tpw * R, explicit=True):
                 kv[e] = NEG
                 ki[e] = NONE
 
             for jt in T.serial(T.ceildiv(t_last // l_sel + 1, JT)):
-                chunk_scores(Kc, Q_s, K_s, P_s, Pg_s, Pg_s, acc_s, lse_s, racc, tx, i_b, i_h, kbos, n_keys, t0, bos,
+                chunk_scores(Kc, Q_f, K_s, P_s, Pg_s, Pg_s, acc_s, lse_s, racc, tx, i_b, i_h, kbos, n_keys, t0, bos,
                              n_tok, jt, G, BM, M, BN, JT, l, d, l_sel, sc, threads, False)
                 i0 = first_key(jt, JT, l, d, l_sel)
                 for k in T.unroll(tpw, explicit=True):

@@ -117,8 +117,8 @@ def test_compile_nsa_block_scores(fam, sm90_target):
 
 # block_topn's variants (benchmarks/profile_topn.py) at the paper's G = 16 and at G = 1 and 4, where
 # a warp merges several tokens (16 and 4 kept lists in its registers)
-VARIANT_FAMILIES = [(16, dict(merge="warp")), (16, dict(merge="warp", JT=32)), (1, dict(merge="warp")),
-                    (4, dict(merge="warp"))]
+VARIANT_FAMILIES = [(16, dict(merge="warp")), (16, dict(merge="warp", q_regs=True)), (16, dict(merge="warp", JT=32)),
+                    (1, dict(merge="warp")), (4, dict(merge="warp"))]
 
 
 @pytest.mark.compile
@@ -126,11 +126,12 @@ VARIANT_FAMILIES = [(16, dict(merge="warp")), (16, dict(merge="warp", JT=32)), (
                          "-".join(f"{k}{v}" for k, v in sorted(x.items())))
 def test_compile_topn_variants(G, variant, sm90_target):
     """Each variant builds for sm_90a; the warp merge adds no block barrier to the score step's four
-    (before and after the MMA, after P and after the head sums)."""
+    (before and after the MMA, after P and after the head sums; q_regs adds two before the loop)."""
     cfg = K_topk.pick_topn_config(G, 128, 32, 16, 64, 16, **variant)
     assert cfg["merge"] == "warp"
     src = K_topk.block_topn(4, G, 128, 32, 16, 64, 16, "bfloat16", 128 ** -0.5, **cfg).get_kernel_source()
-    assert "__shfl_sync" in src and src.count("__syncthreads()") <= 4
+    assert "__shfl_sync" in src and src.count("__syncthreads()") <= 4 + 2 * cfg["q_regs"]
+    assert ("wgmma_rs" in src) == cfg["q_regs"]
 
 
 def test_topn_warp_merge_only_where_its_lists_fit_registers():
