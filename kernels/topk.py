@@ -81,6 +81,21 @@ def p_stride(BN: int, merge: str) -> int:
 
 
 @T.macro
+def tile_span(TileStart, QOffsets, QSeq, KOffsets, i_m, BM: int):
+    """(t0, bos, kbos, n_keys, n_tok, t_last) of query tile i_m: its first row, its sequence's first
+    row and first compressed key, that sequence's key count, the tile's tokens (all in one sequence)
+    and the position of its last token."""
+    t0 = TileStart[i_m]
+    sq = QSeq[t0]
+    bos = QOffsets[sq]
+    eos = QOffsets[sq + 1]
+    kbos = KOffsets[sq]
+    n_keys = KOffsets[sq + 1] - kbos
+    n_tok = T.min(BM, eos - t0)
+    return t0, bos, kbos, n_keys, n_tok, t0 + n_tok - 1 - bos
+
+
+@T.macro
 def load_tile(Q, LSE, Q_s, lse_s, i_b, i_h, t0, n_tok, Tq, G: int, M: int):
     """Q_s `[M, K]` and lse_s `[M]` of the tile's n_tok tokens × G heads (zero / +inf past them)."""
     for r, dd in T.Parallel(M, Q_s.shape[1]):
@@ -301,14 +316,7 @@ def topn_rank(H: int, G: int, K: int, l: int, d: int, l_sel: int, n: int, dtype:
 
             i_b = i_bh // H
             i_h = i_bh % H
-            t0 = TileStart[i_m]
-            sq = QSeq[t0]
-            bos = QOffsets[sq]
-            eos = QOffsets[sq + 1]
-            kbos = KOffsets[sq]
-            n_keys = KOffsets[sq + 1] - kbos
-            n_tok = T.min(BM, eos - t0)  # tokens of this tile (all in sequence sq)
-            t_last = t0 + n_tok - 1 - bos  # position of the tile's last token
+            t0, bos, kbos, n_keys, n_tok, t_last = tile_span(TileStart, QOffsets, QSeq, KOffsets, i_m, BM)
             load_tile(Q, LSE, Q_s, lse_s, i_b, i_h, t0, n_tok, Tq, G, M)
             rank = T.alloc_local([1], "int32")
             for bt, c in T.Parallel(BM, n):
@@ -434,14 +442,7 @@ def topn_warp(H: int, G: int, K: int, l: int, d: int, l_sel: int, n: int, dtype:
 
             i_b = i_bh // H
             i_h = i_bh % H
-            t0 = TileStart[i_m]
-            sq = QSeq[t0]
-            bos = QOffsets[sq]
-            eos = QOffsets[sq + 1]
-            kbos = KOffsets[sq]
-            n_keys = KOffsets[sq + 1] - kbos
-            n_tok = T.min(BM, eos - t0)  # tokens of this tile (all in sequence sq)
-            t_last = t0 + n_tok - 1 - bos  # position of the tile's last token
+            t0, bos, kbos, n_keys, n_tok, t_last = tile_span(TileStart, QOffsets, QSeq, KOffsets, i_m, BM)
             load_tile(Q, LSE, Q_s, lse_s, i_b, i_h, t0, n_tok, Tq, G, M)
             if q_regs:
                 T.copy(Q_s, Q_f)
