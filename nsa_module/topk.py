@@ -121,10 +121,10 @@ def select_blocks(q, k_cmp, lse_cmp, n: int, l: int, d: int, l_sel: int, scale: 
     B, T, HQ, Kd = q.shape
     H = k_cmp.shape[2]
     G = HQ // H
-    if K_topk.topn_smem(G, Kd, l, d, l_sel, n) > K_topk.TOPN_SMEM:
+    cfg = K_topk.pick_topn_config(G, Kd, l, d, l_sel, n)
+    if K_topk.topn_smem(G, Kd, l, d, l_sel, n, merge=cfg["merge"], JT=cfg["JT"]) > K_topk.TOPN_SMEM:
         return select_from_masked(block_scores(q, k_cmp, lse_cmp, l, d, l_sel, scale, qseq, kseq), n, fast=False)
     ids = empty(B, T, H, n, dtype=torch.int32, device=q.device)
-    cfg = K_topk.pick_config(G, Kd, l, d, l_sel)
     tiles = query_tiles(tuple(qseq.lengths), cfg["BM"], str(q.device))
     K_topk.block_topn(H, G, Kd, l, d, l_sel, n, tl_dtype(q.dtype), scale, **cfg)(
         q, k_cmp, lse_cmp, tiles, qseq.offsets, qseq.tok_seq, kseq.offsets, ids)

@@ -6,9 +6,12 @@ that was), then output and every gradient against the reference run with the sam
 paper config (l=32, d=16, l'=64, n=16, W=512, G=16, K=192, V=128), fla's l = d = l' = 64, G in
 {1, 4, 16}, varlen with many short sequences (around l, d, l' and the query tiles: boundaries
 inside tiles), T off every block grid; compared per sequence and per row (tests/utils.py). The
-on-chip top-n against a row-wise ranking of the score kernel's own fp32 scores: equal at every row.
-compile: the score and top-n kernels build for sm_90a. CPU: the row-wise selection against the reference (ties included) and the tiling.
+on-chip top-n (both merges) against a row-wise ranking of the score kernel's own fp32 scores: equal at
+every row. compile: the score and top-n kernels (every block_topn variant) build for sm_90a. CPU: the
+row-wise selection against the reference (ties included) and the tiling.
 """
+import functools
+
 import pytest
 import torch
 
@@ -73,10 +76,13 @@ def test_nsa_matches_reference(case, poison_outputs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("merge", ["rank", "warp"])
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-def test_topn_on_chip_equals_ranking_of_its_scores(case, poison_outputs):
+def test_topn_on_chip_equals_ranking_of_its_scores(case, merge, poison_outputs, monkeypatch):
     """block_topn chooses exactly what ranking block_scores' fp32 scores row by row chooses (the same
-    sums in the same order: ties, -1 padding and forced blocks included), at every row."""
+    sums in the same order: ties, -1 padding and forced blocks included), at every row, with either
+    merge (kernels/topk.py: "rank" the default, "warp")."""
+    monkeypatch.setattr(K_topk, "pick_topn_config", functools.partial(K_topk.pick_topn_config, merge=merge))
     G, H, K, V, l, d, ls, n, W, dtype, varlen, T = case
     B = 1 if varlen else 2
     cu = hostile_cu(T, l, d, ls, max(1, 64 // G)) if varlen else None
@@ -108,6 +114,37 @@ def test_compile_nsa_block_scores(fam, sm90_target):
     assert "__global__" in kern.get_kernel_source()
     kern = K_topk.block_topn(H, G, K, l, d, ls, n, dtype, K ** -0.5, **cfg)
     assert "__global__" in kern.get_kernel_source()
+
+
+# block_topn's variants (benchmarks/profile_topn.py) at the paper's G = 16 and at G = 1 and 4, where
+# a warp merges several tokens (16 and 4 kept lists in its registers)
+VARIANT_FAMILIES = [(16, dict(merge="warp")), (16, dict(merge="warp", q_regs=True)), (16, dict(merge="warp", JT=32)),
+                    (1, dict(merge="warp")), (4, dict(merge="warp"))]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("G,variant", VARIANT_FAMILIES, ids=lambda x: str(x) if isinstance(x, int) else
+                         "-".join(f"{k}{v}" for k, v in sorted(x.items())))
+def test_compile_topn_variants(G, variant, sm90_target):
+    """Each variant builds for sm_90a; the warp merge adds no block barrier to the score step's four
+    (before and after the MMA, after P and after the head sums; q_regs adds two before the loop)."""
+    cfg = K_topk.pick_topn_config(G, 128, 32, 16, 64, 16, **variant)
+    assert cfg["merge"] == "warp"
+    src = K_topk.block_topn(4, G, 128, 32, 16, 64, 16, "bfloat16", 128 ** -0.5, **cfg).get_kernel_source()
+    assert "__shfl_sync" in src and src.count("__syncthreads()") <= 4 + 2 * cfg["q_regs"]
+    assert ("wgmma_rs" in src) == cfg["q_regs"]
+
+
+def test_topn_warp_merge_only_where_its_lists_fit_registers():
+    """The warp merge keeps 2·tpw·⌈n/32⌉ registers a lane; past WARP_KEPT_REGS it falls back to the
+    rank merge."""
+    assert K_topk.pick_topn_config(16, 128, 32, 16, 64, 16, merge="warp")["merge"] == "warp"
+    assert K_topk.pick_topn_config(1, 128, 32, 16, 64, 64, merge="warp")["merge"] == "warp"  # 16 tokens a warp
+    assert K_topk.pick_topn_config(1, 128, 32, 16, 64, 65, merge="warp")["merge"] == "rank"
+    assert K_topk.pick_topn_config(16, 128, 32, 16, 64, 16)["merge"] == "rank"
+    for G in (1, 4, 16):  # its shared memory is the score tiles' alone, whatever n
+        smem = {K_topk.topn_smem(G, 128, 32, 16, 64, n, merge="warp") for n in (3, 16, 33, 64)}
+        assert len(smem) == 1 and smem.pop() <= K_topk.TOPN_SMEM
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fp32-topk"])

@@ -5,7 +5,7 @@ TileLang build, not on the machine: kernels compiled here with the sm_90a target
 TileLang wheel are cache hits on an H100 that runs with the same TILELANG_DEFAULT_TARGET and
 TILELANG_CACHE_DIR. That moves minutes of nvcc time off the GPU.
 
-    TILELANG_CACHE_DIR=.tlcache python tools/precompile.py tests bench
+    TILELANG_CACHE_DIR=.tlcache python tools/precompile.py tests bench   # also: memcheck, profile_topn
     # on the GPU machine: TILELANG_CACHE_DIR=.tlcache TILELANG_DEFAULT_TARGET='{"kind": "cuda", "arch": "sm_90a"}' pytest -m gpu
 
 Families are named like the launchers name them: nsa(...) compiles the compressed (banded, strided
@@ -49,6 +49,13 @@ def nsa(H, G, K, V, l, d, ls, n, W, dtype, scale=None):
     return fams + (sliding(H, G, K, V, W, dtype, scale) if W > 0 else [])
 
 
+def topn_variants(H, G, K, l, d, ls, n, dtype, scale=None):
+    """block_topn under every variant of benchmarks/profile_topn.py (the default one included)."""
+    from benchmarks.profile_topn import VARIANTS
+    args = (H, G, K, l, d, ls, n, dtype, scale or K ** -0.5)
+    return [("block_topn", args + tuple(sorted(v.items()))) for v in VARIANTS.values()]
+
+
 def decode(H, G, K, V, l, d, ls, n, W, capacities, dtype, scale=None):
     from kernels.decode import select_blocks_max
     from nsa_module.decode import CMP_ASYNC, CMP_TILE, SPARSE_TILE
@@ -72,8 +79,9 @@ def build(fam):
         H, G, K, l, d, ls, dtype, scale = args
         K_topk.block_scores(*args, **K_topk.pick_config(G, K, l, d, ls))
     elif name == "block_topn":
-        H, G, K, l, d, ls, n, dtype, scale = args
-        K_topk.block_topn(*args, **K_topk.pick_config(G, K, l, d, ls))
+        H, G, K, l, d, ls, n, dtype, scale = args[:9]
+        variant = dict(args[9:])  # (merge, JT) of benchmarks/profile_topn.py's variants; none: the launcher's
+        K_topk.block_topn(*args[:9], **K_topk.pick_topn_config(G, K, l, d, ls, n, **variant))
     else:
         raise ValueError(f"unknown kernel family {name!r}")
     return name
@@ -102,6 +110,9 @@ def test_families():
     fams += sliding(4, 16, 256, 256, 512, "bfloat16") + compressed(4, 16, 256, 256, 32, 16, "bfloat16")  # T > 128k
     for G, H, K, V, l, d, ls, n, W, dtype, _, _ in test_nsa.CASES:
         fams += nsa(H, G, K, V, l, d, ls, n, W, dt(dtype))
+        for n_sel in sorted({3, n, 2 * n + 1}):  # test_topn_on_chip_equals_ranking_of_its_scores, both merges
+            for merge in ("warp",) if n_sel == n else ("rank", "warp"):  # nsa() has the launcher's
+                fams.append(("block_topn", (H, G, K, l, d, ls, n_sel, dt(dtype), K ** -0.5, ("merge", merge))))
     fams += nsa(2, 8, 64, 64, 32, 16, 64, 4, 64, "bfloat16")  # test_layer's kernel path
     fams += decode(2, 8, 64, 64, 32, 16, 64, 4, 64, [256, 512], "bfloat16")  # and its decode (cache 256 -> 512)
     from tests import test_decode
@@ -127,6 +138,20 @@ def bench_families():
             + decode(H, G, K, K, 32, 16, 64, 16, 512, [8192, 16384, 32768, 65536], "bfloat16"))
 
 
+def profile_topn_families():
+    """What benchmarks/profile_topn.py compiles (H = 4, K = 128, bf16, l = 32, d = 16, l' = 64): for
+    G = 1, 4, 16 the compressed forward (its LSE), block_scores and every block_topn variant at
+    n = 16, and at G = 16 also n = 3 and n = 33."""
+    fams = []
+    for G in (1, 4, 16):
+        fams += compressed(4, G, 128, 128, 32, 16, "bfloat16")
+        fams.append(("block_scores", (4, G, 128, 32, 16, 64, "bfloat16", 128 ** -0.5)))
+        fams += topn_variants(4, G, 128, 32, 16, 64, 16, "bfloat16")
+    for n in (3, 33):
+        fams += topn_variants(4, 16, 128, 32, 16, 64, n, "bfloat16")
+    return fams
+
+
 def main(which):
     fams = []
     if "tests" in which:
@@ -135,6 +160,8 @@ def main(which):
         fams += memcheck_families()
     if "bench" in which:
         fams += bench_families()
+    if "profile_topn" in which:
+        fams += profile_topn_families()
     fams = list(dict.fromkeys(fams))
     t0 = time.time()
     with ProcessPoolExecutor(int(os.environ.get("NSA_PRECOMPILE_JOBS", os.cpu_count()))) as pool:
