@@ -19,6 +19,7 @@ import reference as R
 from reference import naive as RN
 from reference.checks import check_compression, check_cu_seqlens, check_positive_int, seq_ranges
 
+from . import distributed as cp
 from . import ops as nsa_ops
 from .cache import NSACache
 from .common import host_cu_seqlens
@@ -82,13 +83,20 @@ class NativeSparseAttention(nn.Module):
         shared_kv: one key/value projection for all branches instead of one per branch.
         compression: "mlp" (learnable φ) or "mean".
         gate: "sigmoid" (the paper) or "softmax" over the three branches.
+        cp_group: a torch.distributed process group for context parallelism (None: none). With a
+            group of P > 1 ranks, forward(x) takes this rank's shard x `[B, T/P, hidden]` of one
+            sequence (`nsa_module.distributed.shard_sequence`), at its global positions, and returns
+            the output's shard; keys and values are all-gathered (nsa_module/distributed.py). No
+            cache, no cu_seqlens; the parameters' gradients are each rank's share: sum them over the
+            group (as data parallelism over dp × cp does). CPU (the reference) only for now.
+        cp_layout: "zigzag" or "contiguous", how the sequence is dealt out (see shard_ranges).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  v_head_dim: Optional[int] = None, compress_block: int = 32, compress_stride: int = 16,
                  block_size: int = 64, block_counts: int = 16, window_size: int = 512,
                  rope_theta: float = 10000.0, shared_kv: bool = False, compression: str = "mlp",
-                 gate: str = "sigmoid"):
+                 gate: str = "sigmoid", cp_group=None, cp_layout: str = "zigzag"):
         super().__init__()
         for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                           ("head_dim", head_dim)):
@@ -104,6 +112,7 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"compression must be 'mlp' or 'mean', got {compression!r}")
         if gate not in ("sigmoid", "softmax"):
             raise ValueError(f"gate must be 'sigmoid' or 'softmax', got {gate!r}")
+        self.cp_group, self.cp_layout = cp_group, cp.check_layout(cp_layout)
         self.hidden_size, self.HQ, self.H, self.K = hidden_size, num_heads, num_kv_heads, head_dim
         self.V = head_dim if v_head_dim is None else check_positive_int(v_head_dim, "v_head_dim")
         self.l, self.d, self.l_sel, self.n, self.W = compress_block, compress_stride, block_size, block_counts, window_size
@@ -174,6 +183,11 @@ class NativeSparseAttention(nn.Module):
                 raise ValueError(f"decoding takes x [N={len(cache.lengths)}, 1, hidden] (one new token per cached "
                                  f"sequence, no cu_seqlens), got {list(x.shape)}")
             return self._decode(x, cache), cache
+        if self.cp_group is not None and cp.group_rank(self.cp_group)[0] > 1:
+            if cu_seqlens is not None or use_cache:
+                raise ValueError("with a cp_group of several ranks the layer takes one sequence's shard: no cu_seqlens, "
+                                 "no use_cache")
+            return self.o_proj(rearrange(self._attend_cp(x), "b t h v -> b t (h v)")), None
         B, T, _ = x.shape
         offsets = check_cu_seqlens(cu_seqlens, B, T, x)
         positions = RN.token_positions(offsets, T, x.device)
@@ -181,6 +195,31 @@ class NativeSparseAttention(nn.Module):
         o = self._attend(q, kv, gates, cu_seqlens)
         y = self.o_proj(rearrange(o, "b t h v -> b t (h v)"))
         return y, (self._prefill_cache(kv, offsets, B, T) if use_cache else None)
+
+    def _attend_cp(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's shard x `[B, T/P, hidden]` -> o `[B, T/P, HQ, V]` over the whole sequence."""
+        group, layout = self.cp_group, self.cp_layout
+        world, rank = cp.group_rank(group)
+        names = ("the batch size B", "the shard length T/P", "the hidden size", "the dtype", "the layer's configuration",
+                 "whether k/v need gradients")
+        if x.is_cuda:
+            raise NotImplementedError(cp.KERNELS_MISSING)
+        error = None
+        try:  # the shard's global positions (RoPE, the causal masks)
+            positions = torch.cat([torch.arange(s, e, device=x.device)
+                                   for s, e in cp.shard_ranges(x.shape[1] * world, rank, world, layout)])
+        except ValueError as e:  # raised once the other ranks know too
+            error = e
+        if error is not None:
+            cp.check_ranks_agree(names, None, group, x.device, error)
+        q, kv, gates = self._project(x, positions)
+        config = (self.HQ, self.H, self.K, self.V, self.l, self.d, self.l_sel, self.n, self.W, self.shared_kv,
+                  self.phi_k is None, self.gate_act, layout)
+        needs_grad = kv["slc"][0].requires_grad
+        cp.check_ranks_agree(names, [x.shape[0], x.shape[1], x.shape[2], x.dtype, config, needs_grad], group, x.device)
+        return cp.context_parallel_branches(q, kv["cmp"], kv["slc"], kv.get("swa"), gates, group=group, layout=layout,
+                                            phi=self._phi(), l=self.l, d=self.d, l_sel=self.l_sel, n=self.n, W=self.W,
+                                            scale=self.scale)
 
     def _prefill_cache(self, kv, offsets, B, T) -> NSACache:
         ranges = seq_ranges(offsets, B, T)

@@ -29,8 +29,13 @@ def check_tensor(x, name: str, ndim: int, layout) -> None:
         raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got {_shape(x)}")
 
 
-def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:
-    """Check q `[B, T, HQ, K]`, k `[B, T, H, K]`, v `[B, T, H, V]`; return (B, T, HQ, H, K, V)."""
+def check_qkv(q, k, v, q_offset: Optional[int] = None, cu_seqlens=None) -> tuple[int, int, int, int, int, int]:
+    """Check q `[B, Tq, HQ, K]`, k `[B, Tk, H, K]`, v `[B, Tk, H, V]`; return (B, Tq, HQ, H, K, V).
+
+    Without q_offset the queries are the whole sequence: Tq = Tk. With q_offset (an int >= 0) they are
+    the tokens q_offset … q_offset+Tq-1 of the keys' sequence: q_offset + Tq <= Tk (check_q_offset,
+    which cu_seqlens is passed on to).
+    """
     check_tensor(q, "q", 4, "[B, T, HQ, K]")
     check_tensor(k, "k", 4, "[B, T, H, K]")
     check_tensor(v, "v", 4, "[B, T, H, V]")
@@ -42,17 +47,41 @@ def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, T, HQ, K = q.shape
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != K:
-        raise ValueError(f"k must have shape [B={B}, T={T}, H, K={K}] to match q {_shape(q)}, got {_shape(k)}")
+    if q_offset is None:
+        if k.shape[0] != B or k.shape[1] != T or k.shape[3] != K:
+            raise ValueError(f"k must have shape [B={B}, T={T}, H, K={K}] to match q {_shape(q)}, got {_shape(k)}")
+    elif k.shape[0] != B or k.shape[3] != K:
+        raise ValueError(f"k must have shape [B={B}, Tk, H, K={K}] to match q {_shape(q)}, got {_shape(k)}")
     H = k.shape[2]
     V = v.shape[3]
-    if tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"v must have shape [B={B}, T={T}, H={H}, V] to match k {_shape(k)}, got {_shape(v)}")
+    Tk = k.shape[1]
+    if tuple(v.shape[:3]) != (B, Tk, H):
+        raise ValueError(f"v must have shape [B={B}, T={Tk}, H={H}, V] to match k {_shape(k)}, got {_shape(v)}")
     if H == 0 or HQ % H != 0:
         raise ValueError(f"the query heads HQ={HQ} (q.shape[2]) must be a multiple of the kv heads H={H} (k.shape[2])")
     if min(B, T, K, V) == 0:
         raise ValueError(f"q, k, v must be non-empty, got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    check_q_offset(q_offset, T, Tk, cu_seqlens)
     return B, T, HQ, H, K, V
+
+
+def check_q_offset(q_offset, Tq: int, Tk: Optional[int], cu_seqlens=None) -> Optional[int]:
+    """q_offset is None (the queries are the whole sequence) or the global position of the first of Tq
+    queries over Tk keys: an int with 0 <= q_offset and q_offset + Tq <= Tk (Tk None: the caller checks
+    its keys itself). One offset serves all B rows; packed sequences (cu_seqlens) take none yet: their
+    queries would need their own cu_seqlens_q and an offset per sequence, as fla's separate
+    query/key lengths do."""
+    if q_offset is None:
+        return None
+    if cu_seqlens is not None:
+        raise ValueError("q_offset is not supported with cu_seqlens yet (packed sequences: the queries are "
+                         "each whole sequence)")
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int):
+        raise TypeError(f"q_offset must be None or an int >= 0, got {type(q_offset).__name__} {q_offset!r}")
+    if q_offset < 0 or (Tk is not None and q_offset + Tq > Tk):
+        raise ValueError(f"q_offset={q_offset} with Tq={Tq} queries needs 0 <= q_offset and q_offset + Tq <= Tk={Tk} "
+                         f"(the keys' length), got q_offset + Tq = {q_offset + Tq}")
+    return q_offset
 
 
 def check_gate(g, name: str, B: int, T: int, HQ: int, like: torch.Tensor) -> None:

@@ -25,6 +25,7 @@ from .checks import (
     check_cu_seqlens,
     check_gate,
     check_positive_int,
+    check_q_offset,
     check_qkv,
     check_scale,
     check_tensor,
@@ -169,6 +170,11 @@ def token_positions(offsets: Optional[list[int]], T: int, device) -> torch.Tenso
     return torch.cat([torch.arange(e - s, device=device) for s, e in zip(offsets, offsets[1:])])
 
 
+def _query_positions(q_offset: Optional[int], Tq: int, device) -> Optional[torch.Tensor]:
+    """`[Tq]` the positions q_offset … q_offset+Tq-1, or None (each branch's default 0 … Tq-1)."""
+    return None if q_offset is None else torch.arange(q_offset, q_offset + Tq, device=device)
+
+
 def _counts(block_counts, b: int, s: int, e: int, H: int, S: int, device) -> torch.Tensor:
     if block_counts is None:
         return torch.full((e - s, H), S, dtype=torch.long, device=device)
@@ -195,6 +201,7 @@ def naive_nsa(
     scale: Optional[float] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     head_first: bool = False,
+    q_offset: Optional[int] = None,
 ) -> torch.Tensor:
     r"""NSA's selected and sliding branches: g_slc·o_slc + g_swa·o_swa.
 
@@ -212,6 +219,10 @@ def naive_nsa(
         scale: softmax scale, default K ** -0.5.
         cu_seqlens: `[N+1]` offsets of packed sequences (B must be 1).
         head_first: whether inputs are head-first.
+        q_offset: None (the queries are the whole sequence), or the position of q's first token in the
+            keys' sequence: q `[B, Tq, HQ, K]` holds tokens q_offset … q_offset+Tq-1 over k, v
+            `[B, Tk, H, *]` (q_offset + Tq <= Tk); the gates, block_indices and block_counts follow q
+            (Tq rows). The result is those rows of the whole sequence's. Not with cu_seqlens yet.
 
     Returns:
         o `[B, T, HQ, V]` (`[B, HQ, T, V]` if head_first) in q's dtype. A token with nothing to
@@ -224,7 +235,7 @@ def naive_nsa(
             block_indices = rearrange(block_indices, "b h t s -> b t h s")
         if isinstance(block_counts, torch.Tensor):
             block_counts = rearrange(block_counts, "b h t -> b t h")
-    B, T, HQ, H, K, V = check_qkv(q, k, v)
+    B, T, HQ, H, K, V = check_qkv(q, k, v, q_offset, cu_seqlens)
     check_gate(g_slc, "g_slc", B, T, HQ, q)
     check_gate(g_swa, "g_swa", B, T, HQ, q)
     check_positive_int(block_size, "block_size")
@@ -238,15 +249,18 @@ def naive_nsa(
 
     cdt = compute_dtype(q.dtype)
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
+    positions = _query_positions(q_offset, T, q.device)
     parts = []
     for b, s, e in seq_ranges(offsets, B, T):
+        ks, ke = (s, e) if q_offset is None else (0, k.shape[1])  # the keys of the queries' sequence
         o = qf.new_zeros(e - s, HQ, V)
         if block_indices is not None:
             counts = _counts(block_counts, b, s, e, H, S, q.device)
-            o_slc = selected_branch(qf[b, s:e], kf[b, s:e], vf[b, s:e], block_indices[b, s:e], counts, block_size, scale)
+            o_slc = selected_branch(qf[b, s:e], kf[b, ks:ke], vf[b, ks:ke], block_indices[b, s:e], counts, block_size,
+                                    scale, positions)
             o = o + (o_slc if g_slc is None else o_slc * g_slc[b, s:e, :, None].to(cdt))
         if window_size > 0:
-            o_swa = sliding_branch(qf[b, s:e], kf[b, s:e], vf[b, s:e], window_size, scale)
+            o_swa = sliding_branch(qf[b, s:e], kf[b, ks:ke], vf[b, ks:ke], window_size, scale, positions)
             o = o + (o_swa if g_swa is None else o_swa * g_swa[b, s:e, :, None].to(cdt))
         parts.append(o)
     o = _assemble(parts, offsets is not None).to(q.dtype)
@@ -386,6 +400,7 @@ def compressed_attention(
     d: int,
     scale: Optional[float] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
+    q_offset: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over compressed keys (Eq. 8 gives p_cmp).
 
@@ -393,10 +408,16 @@ def compressed_attention(
         q: `[B, T, HQ, K]`; k_cmp `[B, Nc, H, K]`, v_cmp `[B, Nc, H, V]` from `compress_kv`.
         l, d: the compression block and stride that made k_cmp.
         cu_seqlens: `[N+1]` packed sequences; k_cmp/v_cmp packed as `compress_kv` packs them.
+        q_offset: None (q is the whole sequence, Nc = its compressed length), or the position of q's
+            first token: q `[B, Tq, HQ, K]` holds tokens q_offset … q_offset+Tq-1, and k_cmp holds the
+            compressed keys of the sequence's first Tk >= q_offset + Tq tokens, so at least
+            num_compressed(q_offset + Tq, l, d) of them (those past the last query add nothing).
+            Not with cu_seqlens yet.
 
     Returns:
         o_cmp `[B, T, HQ, V]` in q's dtype and p_cmp `[B, T, HQ, Nmax]` (float32/64) where Nmax is
-        the largest compressed stream of a sequence; columns past a sequence's own stream are 0.
+        the largest compressed stream of a sequence (k_cmp's Nc with q_offset); columns past a
+        sequence's own stream are 0.
     """
     check_tensor(q, "q", 4, "[B, T, HQ, K]")
     check_tensor(k_cmp, "k_cmp", 4, "[B, Nc, H, K]")
@@ -411,16 +432,25 @@ def compressed_attention(
     check_positive_int(d, "compress_stride (d)")
     scale = check_scale(scale, K)
     offsets = check_cu_seqlens(cu_seqlens, B, T, q)
-    ranges = _cmp_offsets(offsets, B, T, l, d)
-    if ranges[-1][4] != k_cmp.shape[1]:
-        raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed tokens, but (l={l}, d={d}) over these sequences "
-                         f"give {ranges[-1][4]}")
+    Nc = k_cmp.shape[1]
+    if check_q_offset(q_offset, T, None, cu_seqlens) is None:
+        ranges = _cmp_offsets(offsets, B, T, l, d)
+        if ranges[-1][4] != Nc:
+            raise ValueError(f"k_cmp holds {Nc} compressed tokens, but (l={l}, d={d}) over these sequences "
+                             f"give {ranges[-1][4]}")
+    else:
+        if Nc < num_compressed(q_offset + T, l, d):
+            raise ValueError(f"k_cmp holds {Nc} compressed tokens, but queries up to position q_offset + T - 1 = "
+                             f"{q_offset + T - 1} see num_compressed({q_offset + T}, l={l}, d={d}) = "
+                             f"{num_compressed(q_offset + T, l, d)}")
+        ranges = [(b, 0, T, 0, Nc) for b in range(B)]
     cdt = compute_dtype(q.dtype)
     qf, kf, vf = q.to(cdt), k_cmp.to(cdt), v_cmp.to(cdt)
+    positions = _query_positions(q_offset, T, q.device)
     n_max = max(r[4] - r[3] for r in ranges)
     outs, probs = [], []
     for b, s, e, cs, ce in ranges:
-        o, p = compressed_branch(qf[b, s:e], kf[b, cs:ce], vf[b, cs:ce], l, d, scale)
+        o, p = compressed_branch(qf[b, s:e], kf[b, cs:ce], vf[b, cs:ce], l, d, scale, positions)
         outs.append(o)
         probs.append(torch.nn.functional.pad(p, (0, n_max - (ce - cs))))
     varlen = offsets is not None
@@ -537,6 +567,7 @@ def naive_nsa_full(
     cu_seqlens: Optional[torch.Tensor] = None,
     phi: Phi = "mean",
     block_indices: Optional[torch.Tensor] = None,
+    q_offset: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""All of NSA: g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa (Eq. 5).
 
@@ -550,26 +581,86 @@ def naive_nsa_full(
             `block_indices` anything `naive_nsa` takes.
         block_size: l'; window_size: W; compress_block: l; compress_stride: d.
         phi: the compression function (see `compress_kv`).
+        q_offset: None, or the position of q's first token in the keys' sequence (see `naive_nsa`):
+            q `[B, Tq, HQ, K]` over k, v `[B, Tk, H, *]` with q_offset + Tq <= Tk gives rows q_offset …
+            q_offset+Tq-1 of the whole sequence's result (compression over all Tk keys).
 
     Returns:
         (o `[B, T, HQ, V]` in q's dtype, block_indices `[B, T, H, S]`).
     """
-    B, T, HQ, H, K, V = check_qkv(q, k, v)
+    check_qkv(q, k, v, q_offset, cu_seqlens)
+    check_compression(compress_block, compress_stride, block_size)
+    cdt = compute_dtype(q.dtype)
+    dtype, q, kv = q.dtype, q.to(cdt), (k.to(cdt), v.to(cdt))  # one cast for all branches: gradients add in float32
+    kv_cmp = compress_kv(*kv, compress_block, compress_stride, phi, cu_seqlens)
+    o, block_indices = naive_nsa_branches(q, kv_cmp, kv, kv, g_cmp, g_slc, g_swa, block_counts, block_size, window_size,
+                                          compress_block, compress_stride, scale, cu_seqlens, block_indices, q_offset)
+    return o.to(dtype), block_indices
+
+
+def naive_nsa_branches(
+    q: torch.Tensor,
+    kv_cmp: tuple[torch.Tensor, torch.Tensor],
+    kv_slc: tuple[torch.Tensor, torch.Tensor],
+    kv_swa: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    g_cmp: Optional[torch.Tensor] = None,
+    g_slc: Optional[torch.Tensor] = None,
+    g_swa: Optional[torch.Tensor] = None,
+    block_counts: Union[int, torch.Tensor] = 16,
+    block_size: int = 64,
+    window_size: int = 0,
+    compress_block: int = 32,
+    compress_stride: int = 16,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    block_indices: Optional[torch.Tensor] = None,
+    q_offset: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""`naive_nsa_full` after the compression, each branch with its own keys and values (the layer
+    projects them apart; `naive_nsa_full` passes one pair): compressed attention over kv_cmp (already
+    compressed), the top-n blocks chosen from it unless block_indices is given, selected attention
+    over kv_slc, sliding over kv_swa. Lets a caller compress once and attend several query slices.
+
+    Args:
+        q: `[B, T, HQ, K]` (Tq rows at q_offset, as in `naive_nsa`).
+        kv_cmp: (k_cmp `[B, Nc, H, K]`, v_cmp `[B, Nc, H, V]`) from `compress_kv`.
+        kv_slc, kv_swa: (k `[B, Tk, H, K]`, v `[B, Tk, H, V]`); kv_swa is needed only when W > 0.
+        the rest: as in `naive_nsa_full`.
+
+    Returns:
+        (o `[B, T, HQ, V]` in q's dtype, block_indices `[B, T, H, S]`).
+    """
+    k, v = kv_slc
+    B, T, HQ, H, K, V = check_qkv(q, k, v, q_offset, cu_seqlens)
     check_gate(g_cmp, "g_cmp", B, T, HQ, q)
     check_compression(compress_block, compress_stride, block_size)
+    window_size = check_window_size(window_size)
+    if window_size > 0:
+        if kv_swa is None:
+            raise ValueError(f"window_size={window_size} needs the sliding branch's keys and values kv_swa, got None")
+        check_qkv(q, *kv_swa, q_offset, cu_seqlens)
     scale = check_scale(scale, K)
     l, d = compress_block, compress_stride
     cdt = compute_dtype(q.dtype)
-    dtype, (q, k, v) = q.dtype, (x.to(cdt) for x in (q, k, v))
-    k_cmp, v_cmp = compress_kv(k, v, l, d, phi, cu_seqlens)
-    o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, l, d, scale, cu_seqlens)
+    qf = q.to(cdt)
+    k_cmp, v_cmp = (x.to(cdt) for x in kv_cmp)
+    o_cmp, p_cmp = compressed_attention(qf, k_cmp, v_cmp, l, d, scale, cu_seqlens, q_offset)
     if block_indices is None:
         if not isinstance(block_counts, int) or isinstance(block_counts, bool):
             raise TypeError(f"block_counts must be an int (blocks per token) when selecting, got {type(block_counts).__name__}")
         with torch.no_grad():
-            p_slc = selection_scores(p_cmp, l, d, block_size, H, cu_seqlens)
-            block_indices = select_blocks(p_slc, block_counts, block_size, cu_seqlens)
+            ends = None if q_offset is None else math.ceil((q_offset + T) / block_size)
+            p_slc = selection_scores(p_cmp, l, d, block_size, H, cu_seqlens, num_blocks=ends)
+            block_indices = select_blocks(p_slc, block_counts, block_size, cu_seqlens, _query_positions(q_offset, T, q.device))
         block_counts = None
-    o = naive_nsa(q, k, v, g_slc, g_swa, block_indices, block_counts, block_size, window_size, scale, cu_seqlens)
+    k, v = (x.to(cdt) for x in kv_slc)
+    if window_size == 0 or kv_swa is kv_slc:  # one pair of keys for both branches: one call
+        o = naive_nsa(qf, k, v, g_slc, g_swa, block_indices, block_counts, block_size, window_size, scale, cu_seqlens,
+                      q_offset=q_offset)
+    else:
+        o = naive_nsa(qf, k, v, g_slc, None, block_indices, block_counts, block_size, 0, scale, cu_seqlens,
+                      q_offset=q_offset)
+        o = o + naive_nsa(qf, *(x.to(cdt) for x in kv_swa), None, g_swa, None, None, block_size, window_size, scale,
+                          cu_seqlens, q_offset=q_offset)
     o_cmp = o_cmp if g_cmp is None else o_cmp * g_cmp[..., None].to(cdt)
-    return (o + o_cmp).to(dtype), block_indices
+    return (o + o_cmp).to(q.dtype), block_indices

@@ -9,6 +9,7 @@ import reference as R
 from reference.inputs import (local_block_indices, random_block_counts, random_block_indices, random_cu_seqlens,
                               random_gates, random_qkv)
 from tests.brute import brute_compress_mean, brute_nsa, brute_selection
+from tests.utils import assert_same_math
 
 
 def full_causal(q, k, v, scale=None):
@@ -285,6 +286,112 @@ def test_gradients_flow_through_compression_and_gates():
     o.square().sum().backward()
     for x in (q, k, v, w, *gs):
         assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# queries at an offset: a slice of the queries over all keys is that slice of the whole result
+# ------------------------------------------------------------------------------------------------
+
+OFFSET_CASES = {
+    # B, T, HQ, H, K, V, l, d, l', n, W, cuts (the slices [cut_i, cut_i+1) partition [0, T))
+    # the paper's l, d, l', n, W at a small T (> n·l', so the top-n choice is real), T a multiple of none of them
+    "paper": (1, 1032, 4, 1, 16, 16, 32, 16, 64, 16, 512, (0, 1, 300, 613, 1031, 1032)),
+    # G = 1, K != V, B = 2, a stride that does not divide T, slices cutting compression blocks
+    "small-G1-KneV": (2, 101, 2, 2, 8, 12, 6, 3, 12, 4, 10, (0, 7, 8, 50, 64, 101)),
+}
+
+
+def _nsa_grads(q, k, v, gates, do, cfg, q_offset=None):
+    """(o, block_indices, [dq, dk, dv, dg_cmp, dg_slc, dg_swa]) of naive_nsa_full with dO = do."""
+    l, d, ls, n, W = cfg
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, *gates)]
+    o, idx = R.naive_nsa_full(*leaves, block_counts=n, block_size=ls, window_size=W, compress_block=l,
+                              compress_stride=d, q_offset=q_offset)
+    o.backward(do)
+    return o, idx, [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("case", OFFSET_CASES)
+def test_query_slices_at_an_offset_equal_the_whole(case):
+    """For a partition of the queries into slices [a, b), naive_nsa_full(q[:, a:b], k, v, q_offset=a)
+    gives rows a … b-1 of the whole result and of its block ids, dq and the gates' gradients; the
+    slices' dk and dv add up to the whole's (every key's gradient gathers each slice's share)."""
+    B, T, HQ, H, K, V, l, d, ls, n, W, cuts = OFFSET_CASES[case]
+    cfg = (l, d, ls, n, W)
+    q, k, v = random_qkv(B, T, HQ, H, K, V, dtype=torch.float64, seed=T)
+    gates = [random_gates(B, T, HQ, torch.float64, seed=s) for s in range(3)]
+    do = torch.randn(B, T, HQ, V, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
+    o, idx, grads = _nsa_grads(q, k, v, gates, do, cfg)
+    assert (idx >= 0).sum(-1).max() == n and math.ceil(T / ls) > n, "the top-n choice must leave blocks out"
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for a, b in zip(cuts, cuts[1:]):
+        part = slice(a, b)
+        o_p, idx_p, g_p = _nsa_grads(q[:, part], k, v, [g[:, part] for g in gates], do[:, part], cfg, q_offset=a)
+        assert torch.equal(idx_p, idx[:, part]), f"[{a}, {b}): block ids"
+        assert_same_math(f"[{a}, {b}) o", o_p, o[:, part])
+        for name, x, ref in zip(("dq", "dg_cmp", "dg_slc", "dg_swa"), [g_p[0]] + g_p[3:], [grads[0]] + grads[3:]):
+            assert_same_math(f"[{a}, {b}) {name}", x, ref[:, part])
+        dk += g_p[1]
+        dv += g_p[2]
+    assert_same_math("dk summed over the slices", dk, grads[1])
+    assert_same_math("dv summed over the slices", dv, grads[2])
+
+
+def test_branches_at_an_offset_with_hostile_ids():
+    """naive_nsa and compressed_attention alone: given ids (-1, future, past the end, duplicates) at an
+    offset, over more keys than the queries reach (Tk > q_offset + Tq), equal the whole's rows."""
+    B, T, HQ, H, K, V, BS, W, l, d = 2, 90, 4, 2, 8, 6, 16, 7, 8, 4
+    q, k, v = random_qkv(B, T, HQ, H, K, V, dtype=torch.float64, seed=21)
+    idx = random_block_indices(B, T, H, 5, BS, seed=21, adversarial=0.5)
+    bc = random_block_counts(B, T, H, 5, seed=21)
+    g1, g2 = random_gates(B, T, HQ, torch.float64, seed=1), random_gates(B, T, HQ, torch.float64, seed=2)
+    whole = R.naive_nsa(q, k, v, g1, g2, idx, bc, BS, W)
+    k_cmp, v_cmp = R.compress_kv(k, v, l, d)
+    o_cmp, p_cmp = R.compressed_attention(q, k_cmp, v_cmp, l, d)
+    for a, b in [(0, 1), (0, 45), (29, 30), (33, 61), (61, 90)]:
+        part = slice(a, b)
+        o = R.naive_nsa(q[:, part], k, v, g1[:, part], g2[:, part], idx[:, part], bc[:, part], BS, W, q_offset=a)
+        assert_same_math(f"naive_nsa [{a}, {b})", o, whole[:, part])
+        o, p = R.compressed_attention(q[:, part], k_cmp, v_cmp, l, d, q_offset=a)
+        assert_same_math(f"compressed o [{a}, {b})", o, o_cmp[:, part])
+        assert_same_math(f"compressed p [{a}, {b})", p, p_cmp[:, part])
+        # the compressed keys the slice reaches are enough
+        n_seen = R.num_compressed(b, l, d)
+        o, _ = R.compressed_attention(q[:, part], k_cmp[:, :n_seen], v_cmp[:, :n_seen], l, d, q_offset=a)
+        assert_same_math(f"compressed o, keys cut at {n_seen} [{a}, {b})", o, o_cmp[:, part])
+
+
+def test_offset_none_is_the_whole_sequence():
+    """q_offset=0 over keys of q's length is the default; None keeps the old check Tq = Tk."""
+    q, k, v = random_qkv(1, 70, 4, 2, 8, 8, dtype=torch.float64, seed=22)
+    kw = dict(block_counts=3, block_size=16, window_size=9, compress_block=8, compress_stride=4)
+    o0, idx0 = R.naive_nsa_full(q, k, v, **kw)
+    o1, idx1 = R.naive_nsa_full(q, k, v, **kw, q_offset=0)
+    assert torch.equal(o0, o1) and torch.equal(idx0, idx1)
+    with pytest.raises(ValueError, match="k must have shape"):
+        R.naive_nsa_full(q[:, :60], k, v, **kw)
+
+
+BAD_OFFSETS = [
+    ("negative", dict(q_offset=-1), ValueError, "0 <= q_offset"),
+    ("past the keys", dict(q_offset=33), ValueError, "q_offset \\+ Tq <= Tk"),
+    ("a float", dict(q_offset=1.0), TypeError, "q_offset must be None or an int"),
+    ("a bool", dict(q_offset=True), TypeError, "q_offset must be None or an int"),
+    ("with cu_seqlens", dict(q_offset=0, cu_seqlens=torch.tensor([0, 10, 32])), ValueError, "not supported with cu_seqlens"),
+]
+
+
+@pytest.mark.parametrize("name,over,exc,msg", BAD_OFFSETS, ids=[b[0] for b in BAD_OFFSETS])
+def test_bad_offset_raises(name, over, exc, msg):
+    q, k, v = random_qkv(1, 64, 4, 2, 8, 8, seed=23)
+    args = dict(q=q[:, 32:], k=k, v=v, block_counts=3, block_size=8, compress_block=8, compress_stride=4)
+    if "cu_seqlens" in over:
+        args["q"] = q[:, :32]
+        args["k"], args["v"] = k[:, :32], v[:, :32]
+    with pytest.raises(exc, match=msg):
+        R.naive_nsa_full(**args, **over)
+    with pytest.raises(exc, match=msg):
+        R.naive_nsa(args["q"], args["k"], args["v"], None, None, None, None, 8, 4, **over)
 
 
 # ------------------------------------------------------------------------------------------------

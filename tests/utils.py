@@ -164,6 +164,24 @@ def assert_close(ours, ref, lp, names, dtype, segs=None, seg_overrides: Optional
         check_rows(name, x, r, p, dtype, gradient=name.startswith("d"))
 
 
+def assert_same_math(name: str, x: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0) -> None:
+    """x and ref compute the same float64 math in another order (a query slice at an offset, a
+    sequence spread over processes): row by row (as check_rows), max |x - ref| <= rtol · the row's
+    max |ref| + rtol · 1e-3 · the tensor's (rows that are 0 in the reference: tokens that see nothing)
+    + atol (for a tensor that is 0 but for rounding, e.g. a gradient whose terms cancel: the scale of
+    the terms, which the tensor itself does not show)."""
+    assert x.shape == ref.shape, f"{name}: shape {list(x.shape)} vs {list(ref.shape)}"
+    assert x.dtype == ref.dtype == torch.float64, f"{name}: compare float64 runs, got {x.dtype}, {ref.dtype}"
+    xr, rr = _row_view(x), _row_view(ref)
+    err = (xr - rr).abs().amax(-1)
+    allowed = rtol * rr.abs().amax(-1) + rtol * 1e-3 * rr.abs().max().clamp_min(1e-300) + atol
+    bad = err > allowed
+    if bad.any():
+        worst = int((err / allowed).argmax())
+        raise AssertionError(f"{name}: {int(bad.sum())} of {err.numel()} rows off; worst row {worst} (of the flattened "
+                             f"{list(x.shape[:-1])}): max abs error {err[worst]:.3e}, allowed {allowed[worst]:.3e}")
+
+
 # A small NSA layer for the decode and compile tests (test_layer, test_ops).
 LAYER_DECODE = dict(hidden_size=256, num_heads=16, num_kv_heads=2, head_dim=64, compress_block=32, compress_stride=16,
                     block_size=64, block_counts=4, window_size=64)
