@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+import _cpu  # first: it sets OpenMP's wait policy before torch loads OpenMP
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,6 +43,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args()
+    _cpu.set_threads(args.device)
     os.makedirs(args.out, exist_ok=True)
     import matplotlib
 

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+import _cpu  # first: it sets OpenMP's wait policy before torch loads OpenMP
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +53,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args()
+    _cpu.set_threads(args.device)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
