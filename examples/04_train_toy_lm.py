@@ -85,7 +85,8 @@ def main():
         ax.plot(v, label={"nsa": "NSA", "full": "full attention"}[k], alpha=0.85)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(f"toy LM, T={args.T}: NSA vs full attention")
+    ax.set_title(f"toy LM training loss, NSA vs full attention\nT={args.T}, batch {args.batch}, 2 layers, "
+                 f"NSA l=8, d=4, l'=16, n=4, W=16; on {args.device}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     path = os.path.join(args.out, "toy_lm_loss.png")
