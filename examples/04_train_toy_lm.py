@@ -82,7 +82,8 @@ def main():
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for k, v in curves.items():
-        ax.plot(v, label={"nsa": "NSA", "full": "full attention"}[k], alpha=0.85)
+        ax.plot(v, label={"nsa": "NSA", "full": "full attention"}[k], alpha=0.85,
+                color={"nsa": "#d62728", "full": "#1f77b4"}[k])  # the benchmark figures' colours
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title(f"toy LM training loss, NSA vs full attention\nT={args.T}, batch {args.batch}, 2 layers, "

@@ -64,9 +64,9 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(ctx, reads, label="NSA decode (counted)")
-    ax.plot(ctx, table4, "--", label="((T−l)/d) + n·l' + w (Table 4)")
-    ax.plot(ctx, ctx, label="full attention")
+    ax.plot(ctx, reads, label="NSA decode (counted)", color="#d62728", linewidth=2)  # the benchmark figures' colours
+    ax.plot(ctx, table4, "--", label="((T−l)/d) + n·l' + w (Table 4)", color="#7f7f7f")
+    ax.plot(ctx, ctx, label="full attention", color="#1f77b4")
     ax.set_xlabel("context T")
     ax.set_ylabel("tokens read per step (one kv head)")
     ax.set_title(f"tokens one decode step reads, NSA vs full attention\nl={l}, d={d}, l'={ls}, n={n}, w={w}; "
