@@ -1,7 +1,8 @@
-"""The repo's packages are the ones imported, and the README's quickstart runs and says where its
-kernels came from."""
+"""The repo's packages are the ones imported, the README's install line is CI's, and the README's
+quickstart runs and says where its kernels came from."""
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 
@@ -25,6 +26,15 @@ def test_quickstart_cpu_path():
     assert "all blocks selected vs full causal attention" in out.stdout
     err = float(out.stdout.split("all blocks selected vs full causal attention: max abs error ")[1].split()[0])
     assert err < 1e-5
+
+
+def test_readme_cpu_torch_line_is_the_one_ci_runs():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    line = next(x for x in readme.splitlines() if x.startswith("pip install torch") and "cpu" in x)
+    args = shlex.split(line.split("#")[0])[2:]  # after `pip install`: the requirement and the index
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert any(shlex.split(x)[-len(args):] == args for x in ci.splitlines() if "pip install" in x), line
+    assert readme.index(line) < readme.index('pip install -e ".[test]" && python examples/quickstart.py')
 
 
 def test_quickstart_says_compiled_or_cached(tmp_path, monkeypatch):
