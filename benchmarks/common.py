@@ -258,7 +258,8 @@ def plot_results(res: dict, path: str, family: str) -> None:
                               linewidth=3.0 if name == "ours" else 2.2 if ours else 1.3)
             handles.setdefault(label, line)
         _axes_style(ax, sorted({r["T"] for r in rows}), unit, p, len(passes) > 1)
-        _speedup_notes(ax, ours_vs_peers(rows, p), scale, colour["ours"])
+        notes = ours_vs_peers(rows, p)  # a note names its variant only where there are several
+        _speedup_notes(ax, notes if len(styles) > 1 else [("",) + n[1:] for n in notes], scale, colour["ours"])
     where = f"{res['device']}, commit {res.get('commit', '?')}; {config_summary(res.get('config', {}))}"
     fig.suptitle(FAMILY_TITLES.get(family, family) + "\n" + textwrap.fill(where, int(fig.get_figwidth() * 11)),
                  fontsize=10.5)
