@@ -7,7 +7,7 @@ setup(
     packages=["kernels", "reference", "nsa_module"],
     python_requires=">=3.10",
     install_requires=[
-        "tilelang==0.1.15",  # pinned: its API moves fast; equal to the pin in shared/gpu/make-bundle.sh
+        "tilelang==0.1.15",  # pinned: its API moves fast (the dev environment's GPU bundle, outside this repo, pins the same)
         "torch>=2.4",
         "einops",
         "numpy",

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_ms, plot, print_table, warm_up_gpu, write_results  # noqa: E402
+from benchmarks.common import bench_ms, plot_results_file, print_table, warm_up_gpu, write_results  # noqa: E402
 from nsa_module.decode import nsa_decode  # noqa: E402
 
 HQ, H, K, V, L, D, LS, N_SEL, W = 64, 4, 128, 128, 32, 16, 64, 16, 512
@@ -111,7 +111,7 @@ def main():
     path = write_results(args.out, device, config, rows)
     labeled = [dict(r, provider=f"{r['provider']} B={r['B']}") for r in rows]
     print_table(labeled, f"decode step ({device})")
-    plot(labeled, path.replace(".json", ".png"), "decode step")
+    plot_results_file(path)
     print(f"wrote {path}")
 
 

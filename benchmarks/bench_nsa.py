@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import plot, print_table, sdpa_provider, time_providers, warm_up_gpu, write_results  # noqa: E402
+from benchmarks.common import (plot_results_file, print_table, sdpa_provider, time_providers,  # noqa: E402
+                               warm_up_gpu, write_results)
 from nsa_module import nsa  # noqa: E402
 
 try:
@@ -72,7 +73,7 @@ def main():
                   fla="parallel_nsa with g_cmp, l = d = l' = 64, window 0 (its window needs flash-attn)")
     path = write_results(args.out, device, config, rows)
     print_table(rows, f"nsa() ({device})")
-    plot(rows, path.replace(".json", ".png"), "nsa()")
+    plot_results_file(path)
     print(f"wrote {path}")
 
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (attention_flops, plot, print_table, sdpa_provider, time_providers,  # noqa: E402
+from benchmarks.common import (attention_flops, plot_results_file, print_table, sdpa_provider, time_providers,  # noqa: E402
                                warm_up_gpu, write_results)
 from nsa_module import selected_attention  # noqa: E402
 from reference.inputs import local_block_indices, random_block_indices  # noqa: E402
@@ -90,8 +90,7 @@ def main():
     path = write_results(args.out, device, config, rows)
     for G in (16, 4):
         print_table([r for r in rows if r["G"] == G], f"selected attention, G={G} ({device})")
-    plot([r for r in rows if r["G"] == 16], path.replace(".json", ".png"), "selected, G=16")
-    plot([r for r in rows if r["G"] == 4], path.replace(".json", "_g4.png"), "selected, G=4")
+    plot_results_file(path)
     print(f"wrote {path}")
 
 

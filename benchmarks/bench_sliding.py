@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (attention_flops, plot, print_table, sdpa_provider, time_providers,  # noqa: E402
+from benchmarks.common import (attention_flops, plot_results_file, print_table, sdpa_provider, time_providers,  # noqa: E402
                                warm_up_gpu, write_results)
 from nsa_module import selected_attention, selected_sliding_attention, sliding_window_attention  # noqa: E402
 from reference.inputs import random_block_indices  # noqa: E402
@@ -90,7 +90,7 @@ def main():
                   sdpa="full causal, K/V expanded to HQ heads", flex_window="flex_attention, causal band of W")
     path = write_results(args.out, device, config, rows)
     print_table(rows, f"sliding window W={args.W} ({device})")
-    plot(rows, path.replace(".json", ".png"), f"sliding W={args.W}")
+    plot_results_file(path)
     print(f"wrote {path}")
 
 

@@ -1,13 +1,14 @@
 """Quickstart: NSA on random data, checked against the golden reference.
 
-    python examples/quickstart.py            # GPU if there is one, else the CPU path
-    python examples/quickstart.py --cpu      # force the CPU path
+    python examples/quickstart.py                 # GPU if there is one, else the CPU path
+    python examples/quickstart.py --device cpu    # the CPU path even with a GPU
 
 With a CUDA GPU: the TileLang selected-block attention (forward and backward) on a realistic input
 (T = 8192, 64 query heads over 4 kv heads, 16 blocks of 64), checked against the float32 reference.
 Without one: the whole reference NSA (compression, top-k selection, selected and sliding branches)
 on a small CPU input, checked against full attention where NSA must equal it, and the TileLang
-kernels compiled for Hopper (sm_90a) with nvcc when nvcc is present.
+kernels compiled for Hopper (sm_90a) with nvcc when nvcc is present. Either way it says whether
+the kernels came from TileLang's cache (about a second) or were compiled (tens of seconds, once).
 """
 import argparse
 import os
@@ -15,12 +16,32 @@ import shutil
 import sys
 import time
 
+import _cpu  # first: it sets OpenMP's wait policy before torch loads OpenMP
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reference as R  # noqa: E402
 from reference.inputs import random_block_indices, random_gates, random_qkv  # noqa: E402
+
+
+def cache_files() -> set:
+    """The files in TileLang's kernel cache (TILELANG_CACHE_DIR, default ~/.tilelang/cache)."""
+    from tilelang import env
+
+    return {os.path.join(d, f) for d, _, files in os.walk(env.TILELANG_CACHE_DIR) for f in files}
+
+
+def compiled_or_cached(before: set, seconds: float) -> str:
+    """Whether the kernels built since `before = cache_files()` were compiled or loaded from the cache."""
+    from tilelang import env
+
+    if not env.is_cache_enabled():
+        return f"compiled in {seconds:.1f} s (TileLang's cache is off)"
+    if cache_files() - before:
+        return (f"compiled in {seconds:.1f} s and stored in TileLang's cache ({env.TILELANG_CACHE_DIR}): "
+                f"the next run loads them in about a second")
+    return f"loaded from TileLang's cache ({env.TILELANG_CACHE_DIR}) in {seconds:.1f} s: nothing compiled"
 
 
 def rel_err(x, ref):
@@ -36,12 +57,12 @@ def gpu_path():
     q, k, v = random_qkv(B, T, HQ, H, K, K, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     g = random_gates(B, T, HQ, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     idx = random_block_indices(B, T, H, S, BS, device="cuda")
-    t0 = time.time()
-    o = selected_attention(q, k, v, idx, S, BS, g_slc=g)  # first call compiles (cached afterwards)
+    before, t0 = cache_files(), time.time()
+    o = selected_attention(q, k, v, idx, S, BS, g_slc=g)  # the first call builds the kernels
     do = torch.randn_like(o)
     o.backward(do)
     torch.cuda.synchronize()
-    print(f"  first call (compiles the kernels): {time.time() - t0:.1f} s")
+    print(f"  first call, forward and backward kernels {compiled_or_cached(before, time.time() - t0)}")
     leaves = [x.detach().float().requires_grad_() for x in (q, k, v, g)]
     ref = R.naive_nsa(*leaves[:3], leaves[3], None, idx, S, BS)
     ref.backward(do.float())
@@ -51,7 +72,7 @@ def gpu_path():
 
 
 def cpu_path():
-    print("no CUDA device: the reference NSA on the CPU")
+    print("the reference NSA on the CPU" + ("" if torch.cuda.is_available() else " (no CUDA device here)"))
     B, T, HQ, H, K = 1, 512, 8, 2, 32
     q, k, v = random_qkv(B, T, HQ, H, K, K, seed=0)
     gates = [random_gates(B, T, HQ, seed=s) for s in range(3)]
@@ -79,18 +100,22 @@ def cpu_path():
     os.environ.setdefault("TILELANG_DEFAULT_TARGET", SM90_TARGET)
     from kernels.selected import selected_kernels
 
-    t0 = time.time()
+    before, t0 = cache_files(), time.time()
     kernels = selected_kernels(4, 16, 128, 128, 16, 64, "bfloat16", 128 ** -0.5)
     lines = sum(k.get_kernel_source().count("\n") for k in kernels)
-    print(f"  compiled the selected-attention kernels (forward, dQ, dK/dV) for sm_90a with nvcc in "
-          f"{time.time() - t0:.1f} s ({lines} lines of CUDA); run them on a Hopper GPU")
+    print(f"  the selected-attention kernels (forward, dQ, dK/dV; {lines} lines of CUDA) for sm_90a "
+          f"{compiled_or_cached(before, time.time() - t0)}; run them on a Hopper GPU")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu", action="store_true", help="use the CPU path even with a GPU")
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is a GPU, else cpu")
     args = ap.parse_args()
-    if torch.cuda.is_available() and not args.cpu:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _cpu.set_threads(device)
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device here")
         gpu_path()
     else:
         cpu_path()
