@@ -37,22 +37,6 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
-def attend_reference(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, g_cmp, g_slc, g_swa, cu_seqlens,
-                     l: int, d: int, l_sel: int, n: int, W: int, scale: float, block_indices=None):
-    """The three gated branches on the float32 reference (reference/naive.py), each over its own
-    keys/values: (o in q's dtype, block_indices). Differentiable; the selection is not."""
-    o_cmp, p_cmp = R.compressed_attention(q, k_cmp, v_cmp, l, d, scale, cu_seqlens)
-    if block_indices is None:
-        with torch.no_grad():
-            p_slc = R.selection_scores(p_cmp, l, d, l_sel, k_slc.shape[2], cu_seqlens)
-            block_indices = R.select_blocks(p_slc, n, l_sel, cu_seqlens)
-    o = o_cmp * g_cmp[..., None] + R.naive_nsa(q, k_slc, v_slc, g_slc, None, block_indices, None, l_sel, 0,
-                                               scale, cu_seqlens)
-    if W > 0:
-        o = o + R.naive_nsa(q, k_swa, v_swa, None, g_swa, None, None, l_sel, W, scale, cu_seqlens)
-    return o.to(q.dtype), block_indices
-
-
 class CompressionMLP(nn.Module):
     """φ of Eq. 7: blocks `[..., l, D]` -> `[..., D]` through a linear map of the flattened block plus
     a learned intra-block position embedding. Starts as mean pooling (zero embedding, weights 1/l)."""
@@ -159,8 +143,8 @@ class NativeSparseAttention(nn.Module):
             cu = host_cu_seqlens(cu_seqlens, *q.shape[:2], q)
             return nsa_branches(q, (k_cmp, v_cmp), kv["slc"], swa, g_cmp, g_slc, g_swa, None, self.n, self.l,
                                 self.d, self.l_sel, self.W, self.scale, cu)[0]
-        return attend_reference(q, k_cmp, v_cmp, *kv["slc"], *swa, g_cmp, g_slc, g_swa, cu_seqlens,
-                                self.l, self.d, self.l_sel, self.n, self.W, self.scale)[0]
+        return R.naive_nsa_branches(q, (k_cmp, v_cmp), kv["slc"], swa if self.W > 0 else None, g_cmp, g_slc, g_swa,
+                                    self.n, self.l_sel, self.W, self.l, self.d, self.scale, cu_seqlens)[0]
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -260,27 +244,20 @@ class NativeSparseAttention(nn.Module):
             return self.o_proj(rearrange(o, "n h v -> n 1 (h v)"))
         outs, reads = [], []
         for n in range(x.shape[0]):
-            t = cache.lengths[n] - 1  # the new token's position (it is in the cache already)
-            pos = torch.tensor([t], device=x.device)
-            cdt = RN.compute_dtype(q.dtype)
-            qf = q[n:n + 1].to(cdt)  # [1, HQ, K]
-            kc, vc = cache.ckv_k.get(n).to(cdt), cache.ckv_v.get(n).to(cdt)
-            o_cmp, p_cmp = RN.compressed_branch(qf, kc, vc, self.l, self.d, self.scale, positions=pos)
-            p_slc = R.selection_scores(p_cmp[None], self.l, self.d, self.l_sel, self.H, num_blocks=t // self.l_sel + 1)
-            idx = R.select_blocks(p_slc, self.n, self.l_sel, positions=pos)[0]  # [1, H, n]
-            ks, vs = cache.slc_k.get(n).to(cdt), cache.slc_v.get(n).to(cdt)
-            counts = torch.full((1, self.H), self.n, device=x.device)
-            o = (o_cmp * g_cmp[n, None, :, None].to(cdt)
-                 + RN.selected_branch(qf, ks, vs, idx, counts, self.l_sel, self.scale, positions=pos)
-                 * g_slc[n, None, :, None].to(cdt))
-            r = kc.shape[0] + sum(min(self.l_sel, t + 1 - i * self.l_sel) for i in idx[0, 0].tolist() if i >= 0)
-            if self.W > 0:
-                kw, vw = cache.swa_k.get(n).to(cdt), cache.swa_v.get(n).to(cdt)
-                o = o + RN.sliding_branch(qf, kw, vw, self.W, self.scale,
-                                          positions=torch.tensor([kw.shape[0] - 1], device=x.device)) * g_swa[n, None, :, None].to(cdt)
-                r += kw.shape[0]
-            reads.append(r)
-            outs.append(o.to(x.dtype))
+            # the new token is query t of its sequence over keys 0 … t: the reference NSA at an offset
+            t = cache.lengths[n] - 1
+            kv_cmp = (cache.ckv_k.get(n)[None], cache.ckv_v.get(n)[None])
+            kv_slc = (cache.slc_k.get(n)[None], cache.slc_v.get(n)[None])
+            kv_swa = None
+            if self.W > 0:  # the ring's last tokens at their positions (the band reads no earlier one)
+                ring = (cache.swa_k.get(n), cache.swa_v.get(n))
+                kv_swa = tuple(torch.cat([r.new_zeros(t + 1 - r.shape[0], *r.shape[1:]), r])[None] for r in ring)
+            g = [x_[n:n + 1, None] for x_ in (g_cmp, g_slc, g_swa)]  # [1, 1, HQ]
+            o, idx = R.naive_nsa_branches(q[n:n + 1, None], kv_cmp, kv_slc, kv_swa, *g, self.n, self.l_sel, self.W,
+                                          self.l, self.d, self.scale, q_offset=t)
+            reads.append(kv_cmp[0].shape[1] + (min(self.W, t + 1) if self.W > 0 else 0)
+                         + sum(min(self.l_sel, t + 1 - i * self.l_sel) for i in idx[0, 0, 0].tolist() if i >= 0))
+            outs.append(o[0])
         cache.last_reads = reads
         o = torch.stack(outs, 0)  # [N, 1, HQ, V]
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)"))

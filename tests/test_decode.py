@@ -11,15 +11,15 @@ from tests.utils import assert_close, check_selection, make_caches
 
 
 def reference_decode(q, kv, ckv, num_cmp, gates, lengths, l, d, ls, n, W, scale):
-    """Per sequence, float32: (o `[N, HQ, V]`, block ids `[N, H, n]`, block scores `[N, H, NS]`)."""
+    """Per sequence, float32: (o `[N, HQ, V]`, block ids `[N, H, n]`, block scores `[N, H, NS]`):
+    the reference NSA of one query at position t - 1 over the sequence's t tokens."""
     H = kv[0].shape[2]
     ids, scores = [], []
     for b, t in enumerate(lengths):
-        pos = torch.tensor([t - 1], device=q.device)
-        kc, vc = ckv[0][b, :num_cmp[b]].float(), ckv[1][b, :num_cmp[b]].float()
-        _, p_cmp = RN.compressed_branch(q[b:b + 1].float(), kc, vc, l, d, scale, positions=pos)
-        p_slc = R.selection_scores(p_cmp[None], l, d, ls, H, num_blocks=(t - 1) // ls + 1)
-        ids.append(R.select_blocks(p_slc, n, ls, positions=pos)[0, 0])  # [H, n]
+        kc, vc = ckv[0][b:b + 1, :num_cmp[b]].float(), ckv[1][b:b + 1, :num_cmp[b]].float()
+        _, p_cmp = R.compressed_attention(q[b:b + 1, None].float(), kc, vc, l, d, scale, q_offset=t - 1)
+        p_slc = R.selection_scores(p_cmp, l, d, ls, H, num_blocks=(t - 1) // ls + 1)
+        ids.append(R.select_blocks(p_slc, n, ls, positions=torch.tensor([t - 1], device=q.device))[0, 0])  # [H, n]
         scores.append(p_slc[0, 0])
     ids = torch.stack(ids)
     return reference_decode_with_ids(q, kv, ckv, num_cmp, gates, lengths, l, d, ls, W, scale, ids), ids, scores
@@ -27,21 +27,16 @@ def reference_decode(q, kv, ckv, num_cmp, gates, lengths, l, d, ls, n, W, scale)
 
 def reference_decode_with_ids(q, kv, ckv, num_cmp, gates, lengths, l, d, ls, W, scale, ids):
     """reference_decode's output for the selection `ids` `[N, H, n]`, in float32 (q's dtype inside
-    reference.low_precision())."""
-    H, cdt = kv[0].shape[2], RN.compute_dtype(q.dtype)
+    reference.low_precision()): `reference.naive_nsa_branches` at the query's offset."""
+    cdt = RN.compute_dtype(q.dtype)  # the inputs in it: the output comes in q's dtype
     outs = []
     for b, t in enumerate(lengths):
-        pos = torch.tensor([t - 1], device=q.device)
-        qf = q[b:b + 1].to(cdt)
-        kc, vc = ckv[0][b, :num_cmp[b]].to(cdt), ckv[1][b, :num_cmp[b]].to(cdt)
-        o_cmp, _ = RN.compressed_branch(qf, kc, vc, l, d, scale, positions=pos)
-        ks, vs = kv[0][b, :t].to(cdt), kv[1][b, :t].to(cdt)
-        cnt = torch.full((1, H), ids.shape[-1], device=q.device)
-        g_cmp, g_slc, g_swa = (x[b:b + 1, :, None].to(cdt) for x in gates)
-        o = o_cmp * g_cmp + RN.selected_branch(qf, ks, vs, ids[b:b + 1], cnt, ls, scale, positions=pos) * g_slc
-        if W > 0:
-            o = o + RN.sliding_branch(qf, ks, vs, W, scale, positions=pos) * g_swa
-        outs.append(o[0])
+        kv_cmp = (ckv[0][b:b + 1, :num_cmp[b]].to(cdt), ckv[1][b:b + 1, :num_cmp[b]].to(cdt))
+        kv_raw = (kv[0][b:b + 1, :t].to(cdt), kv[1][b:b + 1, :t].to(cdt))
+        o, _ = R.naive_nsa_branches(q[b:b + 1, None].to(cdt), kv_cmp, kv_raw, kv_raw,
+                                    *(g[b:b + 1, None].to(cdt) for g in gates),
+                                    None, ls, W, l, d, scale, block_indices=ids[b:b + 1, None], q_offset=t - 1)
+        outs.append(o[0, 0])
     return torch.stack(outs)
 
 
