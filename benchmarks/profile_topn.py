@@ -28,7 +28,8 @@ from kernels import topk as K_topk  # noqa: E402
 from kernels.banded import W_CAP  # noqa: E402
 from nsa_module.banded import banded_fwd  # noqa: E402
 from nsa_module.common import SeqInfo  # noqa: E402
-from nsa_module.compressed import compress_mean, compressed_layout  # noqa: E402
+from nsa_module.common import compressed_layout  # noqa: E402
+from nsa_module.compressed import compress_mean  # noqa: E402
 from nsa_module.topk import block_scores, select_blocks, select_from_masked  # noqa: E402
 
 # name: pick_topn_config's variant arguments; the first is the default (validated by the gpu tests)
