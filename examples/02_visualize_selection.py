@@ -98,7 +98,7 @@ def main():
     im = axes[2].imshow(p_slc[0, :, 0].cpu().numpy(), aspect="auto", cmap="magma", interpolation="nearest")
     fig.colorbar(im, ax=axes[2], label="p_slc (summed over the group's heads)")
     tt, ss = torch.nonzero(idx[0, :, 0] >= 0, as_tuple=True)
-    axes[2].scatter(idx[0, tt, 0, ss].cpu(), tt, s=1.5, c="cyan", marker=".", linewidths=0)
+    axes[2].scatter(idx[0, tt, 0, ss].cpu(), tt.cpu(), s=1.5, c="cyan", marker=".", linewidths=0)
     axes[2].set_title(f"block scores p_slc and the {args.n} selected blocks per token (cyan)")
     axes[2].set_xlabel(f"selection block j (tokens j·{ls} … j·{ls}+{ls - 1})")
     axes[2].set_ylabel("query token t")
