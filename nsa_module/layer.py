@@ -144,7 +144,7 @@ class NativeSparseAttention(nn.Module):
             return nsa_branches(q, (k_cmp, v_cmp), kv["slc"], swa, g_cmp, g_slc, g_swa, None, self.n, self.l,
                                 self.d, self.l_sel, self.W, self.scale, cu)[0]
         return R.naive_nsa_branches(q, (k_cmp, v_cmp), kv["slc"], swa if self.W > 0 else None, g_cmp, g_slc, g_swa,
-                                    self.n, self.l_sel, self.W, self.l, self.d, self.scale, cu_seqlens)[0]
+                                    None, self.n, self.l_sel, self.W, self.scale, cu_seqlens, self.l, self.d)[0]
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -253,8 +253,8 @@ class NativeSparseAttention(nn.Module):
                 ring = (cache.swa_k.get(n), cache.swa_v.get(n))
                 kv_swa = tuple(torch.cat([r.new_zeros(t + 1 - r.shape[0], *r.shape[1:]), r])[None] for r in ring)
             g = [x_[n:n + 1, None] for x_ in (g_cmp, g_slc, g_swa)]  # [1, 1, HQ]
-            o, idx = R.naive_nsa_branches(q[n:n + 1, None], kv_cmp, kv_slc, kv_swa, *g, self.n, self.l_sel, self.W,
-                                          self.l, self.d, self.scale, q_offset=t)
+            o, idx = R.naive_nsa_branches(q[n:n + 1, None], kv_cmp, kv_slc, kv_swa, *g, None, self.n, self.l_sel, self.W,
+                                          self.scale, None, self.l, self.d, q_offset=t)
             reads.append(kv_cmp[0].shape[1] + (min(self.W, t + 1) if self.W > 0 else 0)
                          + sum(min(self.l_sel, t + 1 - i * self.l_sel) for i in idx[0, 0, 0].tolist() if i >= 0))
             outs.append(o[0])

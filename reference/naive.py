@@ -558,18 +558,19 @@ def naive_nsa_full(
     g_cmp: Optional[torch.Tensor] = None,
     g_slc: Optional[torch.Tensor] = None,
     g_swa: Optional[torch.Tensor] = None,
-    block_counts: Union[int, torch.Tensor] = 16,
+    block_indices: Optional[torch.Tensor] = None,
+    block_counts: Union[None, int, torch.Tensor] = None,
     block_size: int = 64,
     window_size: int = 0,
-    compress_block: int = 32,
-    compress_stride: int = 16,
     scale: Optional[float] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
+    compress_block: int = 32,
+    compress_stride: int = 16,
     phi: Phi = "mean",
-    block_indices: Optional[torch.Tensor] = None,
     q_offset: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""All of NSA: g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa (Eq. 5).
+    r"""All of NSA: g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa (Eq. 5), with `nsa()`'s arguments in
+    `nsa()`'s order (then phi and q_offset).
 
     The compressed branch attends over `compress_kv(k, v, l, d, phi)`; unless `block_indices` is
     given, the selected branch reads the top-`block_counts` blocks of size l' = `block_size` chosen
@@ -577,8 +578,9 @@ def naive_nsa_full(
 
     Args:
         q, k, v, g_*: as in `naive_nsa` (gates `[B, T, HQ]`, None means 1).
-        block_counts: n, the selected blocks per token (an int >= 3) when selecting; with given
-            `block_indices` anything `naive_nsa` takes.
+        block_indices: `[B, T, H, S]` to skip the selection.
+        block_counts: n, the selected blocks per token (an int >= 3; None: 16) when selecting; with
+            given `block_indices` anything `naive_nsa` takes (None: all S slots).
         block_size: l'; window_size: W; compress_block: l; compress_stride: d.
         phi: the compression function (see `compress_kv`).
         q_offset: None, or the position of q's first token in the keys' sequence (see `naive_nsa`):
@@ -593,8 +595,8 @@ def naive_nsa_full(
     cdt = compute_dtype(q.dtype)
     dtype, q, kv = q.dtype, q.to(cdt), (k.to(cdt), v.to(cdt))  # one cast for all branches: gradients add in float32
     kv_cmp = compress_kv(*kv, compress_block, compress_stride, phi, cu_seqlens)
-    o, block_indices = naive_nsa_branches(q, kv_cmp, kv, kv, g_cmp, g_slc, g_swa, block_counts, block_size, window_size,
-                                          compress_block, compress_stride, scale, cu_seqlens, block_indices, q_offset)
+    o, block_indices = naive_nsa_branches(q, kv_cmp, kv, kv, g_cmp, g_slc, g_swa, block_indices, block_counts, block_size,
+                                          window_size, scale, cu_seqlens, compress_block, compress_stride, q_offset)
     return o.to(dtype), block_indices
 
 
@@ -606,14 +608,14 @@ def naive_nsa_branches(
     g_cmp: Optional[torch.Tensor] = None,
     g_slc: Optional[torch.Tensor] = None,
     g_swa: Optional[torch.Tensor] = None,
-    block_counts: Union[int, torch.Tensor] = 16,
+    block_indices: Optional[torch.Tensor] = None,
+    block_counts: Union[None, int, torch.Tensor] = None,
     block_size: int = 64,
     window_size: int = 0,
-    compress_block: int = 32,
-    compress_stride: int = 16,
     scale: Optional[float] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
-    block_indices: Optional[torch.Tensor] = None,
+    compress_block: int = 32,
+    compress_stride: int = 16,
     q_offset: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""`naive_nsa_full` after the compression, each branch with its own keys and values (the layer
@@ -646,6 +648,7 @@ def naive_nsa_branches(
     k_cmp, v_cmp = (x.to(cdt) for x in kv_cmp)
     o_cmp, p_cmp = compressed_attention(qf, k_cmp, v_cmp, l, d, scale, cu_seqlens, q_offset)
     if block_indices is None:
+        block_counts = 16 if block_counts is None else block_counts
         if not isinstance(block_counts, int) or isinstance(block_counts, bool):
             raise TypeError(f"block_counts must be an int (blocks per token) when selecting, got {type(block_counts).__name__}")
         with torch.no_grad():

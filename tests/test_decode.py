@@ -35,7 +35,7 @@ def reference_decode_with_ids(q, kv, ckv, num_cmp, gates, lengths, l, d, ls, W, 
         kv_raw = (kv[0][b:b + 1, :t].to(cdt), kv[1][b:b + 1, :t].to(cdt))
         o, _ = R.naive_nsa_branches(q[b:b + 1, None].to(cdt), kv_cmp, kv_raw, kv_raw,
                                     *(g[b:b + 1, None].to(cdt) for g in gates),
-                                    None, ls, W, l, d, scale, block_indices=ids[b:b + 1, None], q_offset=t - 1)
+                                    ids[b:b + 1, None], None, ls, W, scale, None, l, d, q_offset=t - 1)
         outs.append(o[0, 0])
     return torch.stack(outs)
 

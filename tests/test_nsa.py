@@ -69,8 +69,7 @@ def test_nsa_matches_reference(case, poison_outputs):
     ours, ref, lp = run_both(
         lambda q, k, v, g1, g2, g3: nsa(q, k, v, g1, g2, g3, block_indices=idx, block_counts=n, block_size=ls,
                                         window_size=W, cu_seqlens=cu, compress_block=l, compress_stride=d),
-        lambda q, k, v, g1, g2, g3: R.naive_nsa_full(q, k, v, g1, g2, g3, None, ls, W, l, d, cu_seqlens=cu,
-                                                     block_indices=idx)[0],
+        lambda q, k, v, g1, g2, g3: R.naive_nsa_full(q, k, v, g1, g2, g3, idx, None, ls, W, None, cu, l, d)[0],
         [q, k, v, *gates])
     assert_close(ours, ref, lp, ["o", "dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"], dtype, segments(B, T, cu))
 
@@ -136,12 +135,13 @@ def test_compile_topn_variants(G, variant, sm90_target):
 
 
 def test_topn_warp_merge_only_where_its_lists_fit_registers():
-    """The warp merge keeps 2·tpw·⌈n/32⌉ registers a lane; past WARP_KEPT_REGS it falls back to the
-    rank merge."""
+    """The warp merge (the default) keeps 2·tpw·⌈n/32⌉ registers a lane; past WARP_KEPT_REGS it falls
+    back to the rank merge."""
     assert K_topk.pick_topn_config(16, 128, 32, 16, 64, 16, merge="warp")["merge"] == "warp"
     assert K_topk.pick_topn_config(1, 128, 32, 16, 64, 64, merge="warp")["merge"] == "warp"  # 16 tokens a warp
     assert K_topk.pick_topn_config(1, 128, 32, 16, 64, 65, merge="warp")["merge"] == "rank"
-    assert K_topk.pick_topn_config(16, 128, 32, 16, 64, 16)["merge"] == "rank"
+    assert K_topk.pick_topn_config(16, 128, 32, 16, 64, 16)["merge"] == "warp"
+    assert K_topk.pick_topn_config(16, 128, 32, 16, 64, 16, merge="rank")["merge"] == "rank"
     for G in (1, 4, 16):  # its shared memory is the score tiles' alone, whatever n
         smem = {K_topk.topn_smem(G, 128, 32, 16, 64, n, merge="warp") for n in (3, 16, 33, 64)}
         assert len(smem) == 1 and smem.pop() <= K_topk.TOPN_SMEM

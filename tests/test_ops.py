@@ -48,7 +48,7 @@ def composed(q, k, v, gates, cu=None, c=CFG):
 
 
 def reference(q, k, v, gates, cu=None, c=CFG):
-    return R.naive_nsa_full(q, k, v, *gates, c["n"], c["ls"], c["W"], c["l"], c["d"], cu_seqlens=cu)
+    return R.naive_nsa_full(q, k, v, *gates, None, c["n"], c["ls"], c["W"], None, cu, c["l"], c["d"])
 
 
 # -- CPU ----------------------------------------------------------------------------------------

@@ -202,12 +202,13 @@ def test_varlen_equals_per_sequence():
     bc = random_block_counts(1, T, H, 4, seed=12)
     g = random_gates(1, T, HQ)
     o = R.naive_nsa(q, k, v, g, g, idx, bc, BS, W, cu_seqlens=cu)
-    o_full, _ = R.naive_nsa_full(q, k, v, g, g, g, 4, BS, W, 4, 2, cu_seqlens=cu)
+    o_full, _ = R.naive_nsa_full(q, k, v, g, g, g, None, 4, BS, W, cu_seqlens=cu, compress_block=4, compress_stride=2)
     c = cu.tolist()
     for s, e in zip(c, c[1:]):
         part = R.naive_nsa(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], g[:, s:e], idx[:, s:e], bc[:, s:e], BS, W)
         torch.testing.assert_close(o[:, s:e], part, atol=0, rtol=0)
-        part_full, _ = R.naive_nsa_full(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], g[:, s:e], g[:, s:e], 4, BS, W, 4, 2)
+        part_full, _ = R.naive_nsa_full(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], g[:, s:e], g[:, s:e], None, 4, BS, W,
+                                          compress_block=4, compress_stride=2)
         torch.testing.assert_close(o_full[:, s:e], part_full, atol=1e-6, rtol=1e-6)
 
 
