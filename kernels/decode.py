@@ -271,7 +271,7 @@ def block_keys(P_s, S_s, a, bk, bi, tx, n_keys, cur, NB, threads, l, d, l_sel, t
 
 
 @T.macro
-def rank_blocks(S_s, sel_s, C_s, rk, cj, cv, tx, NB, threads, n_sel, OWN, NB_MAX):
+def rank_blocks(S_s, sel_s, C_s, rk, cj, cv, tx, NB, threads, n, OWN, NB_MAX):
     """For few blocks: every block's rank among all, the top n placed by rank into sel_s."""
     # each block's rank among all: keys made unique as (key, -id) in one int64 (higher key
     # first, then the lower id), so a comparison is one 64-bit compare; the top n fill sel_s
@@ -279,8 +279,8 @@ def rank_blocks(S_s, sel_s, C_s, rk, cj, cv, tx, NB, threads, n_sel, OWN, NB_MAX
         if jb * threads + tx < NB_MAX:
             C_s[jb * threads + tx] = order_key(
                 T.if_then_else(jb * threads + tx < NB, S_s[jb * threads + tx], KEY_MIN), jb * threads + tx)
-    for t in T.serial(T.ceildiv(n_sel, threads)):
-        if t * threads + tx < n_sel:
+    for t in T.serial(T.ceildiv(n, threads)):
+        if t * threads + tx < n:
             sel_s[t * threads + tx] = -1
     T.sync_threads()  # C_s complete, sel_s cleared
     for o in T.unroll(OWN):
@@ -293,12 +293,12 @@ def rank_blocks(S_s, sel_s, C_s, rk, cj, cv, tx, NB, threads, n_sel, OWN, NB_MAX
             for o in T.unroll(OWN):
                 rk[o] += T.if_then_else(cv[u] > cj[o], 1, 0)
     for o in T.unroll(OWN):
-        if o * threads + tx < NB and rk[o] < n_sel and S_s[o * threads + tx] > KEY_NEG_INF:
+        if o * threads + tx < NB and rk[o] < n and S_s[o * threads + tx] > KEY_NEG_INF:
             sel_s[rk[o]] = o * threads + tx
 
 
 @T.macro
-def tourney_blocks(S_s, sel_s, cand_k, cand_i, hp, sl_, c64, bk, bi, pk, tx, NB, threads, n_sel, one_each):
+def tourney_blocks(S_s, sel_s, cand_k, cand_i, hp, sl_, c64, bk, bi, pk, tx, NB, threads, n, one_each):
     """For many blocks: each warp its own top n, best first, then warp 0 merges the warps' lists
     (see choose_blocks)."""
     NW = threads // 32
@@ -311,11 +311,11 @@ def tourney_blocks(S_s, sel_s, cand_k, cand_i, hp, sl_, c64, bk, bi, pk, tx, NB,
         for i in T.unroll(32):
             c64[1] = T.shfl_sync(c64[0], i)
             pk[0] += T.if_then_else(c64[1] > c64[0], 1, 0)
-        if pk[0] < n_sel:
+        if pk[0] < n:
             cand_k[warp, pk[0]] = T.if_then_else(tx < NB, S_s[T.min(tx, NB - 1)], KEY_MIN)
             cand_i[warp, pk[0]] = T.if_then_else(tx < NB, tx, BIG)
     else:
-        for rnd in T.serial(n_sel):  # each warp's top n, best first
+        for rnd in T.serial(n):  # each warp's top n, best first
             wk = T.warp_reduce_max(bk[0])
             wi = T.warp_reduce_min(T.if_then_else(bk[0] == wk, bi[0], BIG))
             if lane == 0:
@@ -341,24 +341,24 @@ def tourney_blocks(S_s, sel_s, cand_k, cand_i, hp, sl_, c64, bk, bi, pk, tx, NB,
         hp[0] = 0
         bk[0] = T.if_then_else(lane < NW, cand_k[T.min(lane, NW - 1), 0], KEY_MIN)
         bi[0] = T.if_then_else(lane < NW, cand_i[T.min(lane, NW - 1), 0], BIG)
-        for rnd in T.serial(n_sel):
+        for rnd in T.serial(n):
             gk = T.warp_reduce_max(bk[0])
             gi = T.warp_reduce_min(T.if_then_else(bk[0] == gk, bi[0], BIG))
-            for q in T.unroll((n_sel + 31) // 32):
+            for q in T.unroll((n + 31) // 32):
                 if rnd == q * 32 + lane:
                     sl_[q] = T.if_then_else(gk > KEY_NEG_INF, gi, -1)
             if bk[0] == gk and bi[0] == gi:
                 hp[0] += 1
-                bk[0] = T.if_then_else(hp[0] < n_sel, cand_k[T.min(lane, NW - 1), T.min(hp[0], n_sel - 1)], KEY_MIN)
-                bi[0] = T.if_then_else(hp[0] < n_sel, cand_i[T.min(lane, NW - 1), T.min(hp[0], n_sel - 1)], BIG)
-        for q in T.unroll((n_sel + 31) // 32):
-            if q * 32 + lane < n_sel:
+                bk[0] = T.if_then_else(hp[0] < n, cand_k[T.min(lane, NW - 1), T.min(hp[0], n - 1)], KEY_MIN)
+                bi[0] = T.if_then_else(hp[0] < n, cand_i[T.min(lane, NW - 1), T.min(hp[0], n - 1)], BIG)
+        for q in T.unroll((n + 31) // 32):
+            if q * 32 + lane < n:
                 sel_s[q * 32 + lane] = sl_[q]
 
 
 @T.macro
 def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n, i_h,
-                  n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes, rank=None, tourney=None):
+                  n_keys, cur, NB, NS1, CC, G, U, threads, l, d, l_sel, n, lse_lanes, rank=None, tourney=None):
     """The top-n blocks of (sequence i_n, kv head i_h) into sel_s (best first, -1 when fewer than
     n can be chosen), by all `threads` threads of the program, in four steps:
     merge_head_lse (each head's LSE), key_probs (Σ_g p_cmp per compressed key, Eq. 10),
@@ -377,19 +377,19 @@ def choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi
     block_keys(P_s, S_s, a, bk, bi, tx, n_keys, cur, NB, threads, l, d, l_sel, rank is None)
     if rank is not None:
         C_s, rk, cj, cv, OWN, NB_MAX = rank
-        rank_blocks(S_s, sel_s, C_s, rk, cj, cv, tx, NB, threads, n_sel, OWN, NB_MAX)
+        rank_blocks(S_s, sel_s, C_s, rk, cj, cv, tx, NB, threads, n, OWN, NB_MAX)
     else:
         cand_k, cand_i, hp, sl_, c64, one_each = tourney
-        tourney_blocks(S_s, sel_s, cand_k, cand_i, hp, sl_, c64, bk, bi, pk, tx, NB, threads, n_sel, one_each)
+        tourney_blocks(S_s, sel_s, cand_k, cand_i, hp, sl_, c64, bk, bi, pk, tx, NB, threads, n, one_each)
     T.sync_threads()
 
 
 @T.macro
-def write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n_sel):
+def write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n):
     """BlockIdx[i_n, i_h] = the chosen ids ascending, -1 last (each id's rank among the chosen)."""
-    if tx < n_sel:
+    if tx < n:
         rank[0] = 0
-        for k in T.serial(n_sel):
+        for k in T.serial(n):
             ka = T.if_then_else(sel_s[k] >= 0, sel_s[k], BIG)
             kt = T.if_then_else(sel_s[tx] >= 0, sel_s[tx], BIG)
             rank[0] += T.if_then_else(ka < kt or (ka == kt and k < tx), 1, 0)
@@ -397,7 +397,7 @@ def write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n_sel):
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int, threads: int = 1024,
+def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n: int, NB_MAX: int, threads: int = 1024,
                   U: int = 1):
     """Kernel(Logits, LSE_part, Split1, NumCmp, Len, BlockIdx): the top-n selection blocks of each
     (sequence, kv head), one program each (choose_blocks), sequences of at most NB_MAX blocks."""
@@ -412,15 +412,15 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
         Split1: T.Tensor([NS1], "int32"),
         NumCmp: T.Tensor([N], "int32"),
         Len: T.Tensor([N], "int32"),
-        BlockIdx: T.Tensor([N, H, n_sel], "int32"),
+        BlockIdx: T.Tensor([N, H, n], "int32"),
     ):
         with T.Kernel(N * H, threads=threads) as i_nh:
             lse_s = T.alloc_shared([G], acc)
             P_s = T.alloc_shared([NB_MAX * (l_sel // d)], acc)  # Σ_g p_cmp per compressed key
             S_s = T.alloc_shared([NB_MAX], "int32")  # block score keys
-            cand_k = T.alloc_shared([threads // 32, n_sel], "int32")  # each warp's top n, best first
-            cand_i = T.alloc_shared([threads // 32, n_sel], "int32")
-            sel_s = T.alloc_shared([n_sel], "int32")
+            cand_k = T.alloc_shared([threads // 32, n], "int32")  # each warp's top n, best first
+            cand_i = T.alloc_shared([threads // 32, n], "int32")
+            sel_s = T.alloc_shared([n], "int32")
             a = T.alloc_local([1], acc)
             b = T.alloc_local([1], acc)
             ev = T.alloc_local([LCH + 1], acc)
@@ -431,7 +431,7 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             rank = T.alloc_local([1], "int32")
             sv = T.alloc_local([3], "int32")  # read_counts
             hp = T.alloc_local([1], "int32")  # the merge's position in a lane's list
-            sl_ = T.alloc_local([(n_sel + 31) // 32], "int32")  # the merge's winners, round r in lane r % 32
+            sl_ = T.alloc_local([(n + 31) // 32], "int32")  # the merge's winners, round r in lane r % 32
             c64 = T.alloc_local([2], "int64")  # a block's (key, -id) and the one shuffled in
             tx = T.get_thread_binding(0)
             i_n = i_nh // H
@@ -439,25 +439,25 @@ def decode_select(H: int, G: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX
             read_counts(sv, NumCmp, Len, i_n, CC, l_sel, NB_MAX)
             T.pdl_sync()  # decode_compressed's logits and partials are complete from here on
             choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx, i_n, i_h,
-                          sv[0], sv[1], sv[2], NS1, CC, G, U, threads, l, d, l_sel, n_sel, lse_lanes(G, threads),
-                          tourney=(cand_k, cand_i, hp, sl_, c64, NB_MAX <= threads and n_sel <= 32))
-            write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n_sel)
+                          sv[0], sv[1], sv[2], NS1, CC, G, U, threads, l, d, l_sel, n, lse_lanes(G, threads),
+                          tourney=(cand_k, cand_i, hp, sl_, c64, NB_MAX <= threads and n <= 32))
+            write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n)
             T.pdl_trigger()
 
     return main
 
 
-def pick_sparse_config(G: int, n_sel: int, fuse_select: bool) -> dict:
+def pick_sparse_config(G: int, n: int, fuse_select: bool) -> dict:
     """decode_sparse: one warp per 16 rows of the G heads; choosing the blocks too wants at least
     four warps (the attention then runs on 64 rows, the G heads and zero padding)."""
     M = max(64 if fuse_select else 16, pad16(G))
     threads = 32 * (M // 16)
-    assert not fuse_select or n_sel <= threads, "the ranking gives one thread per selected block"
+    assert not fuse_select or n <= threads, "the ranking gives one thread per selected block"
     return dict(M=M, threads=threads)
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_sel: int, NB_MAX: int,
+def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n: int, NB_MAX: int,
                   window: bool, fuse_select: bool, dtype: str, scale: float, BT: int = 32, M: int = 16,
                   threads: int = 32, U: int = 4):
     """Kernel(Q, Logits, NumCmp, Ks, Vs, Len, Kw, Vw, WinCount, Split1, Split3, BlockIdx, O_part, LSE_part).
@@ -489,7 +489,7 @@ def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_
         WinCount: T.Tensor([N], "int32"),
         Split1: T.Tensor([NS1], "int32"),
         Split3: T.Tensor([NS3], "int32"),
-        BlockIdx: T.Tensor([N, H, n_sel], "int32"),
+        BlockIdx: T.Tensor([N, H, n], "int32"),
         O_part: T.Tensor([N, HQ, NST, V], acc),
         LSE_part: T.Tensor([N, HQ, NST], acc),
     ):
@@ -497,7 +497,7 @@ def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_
             Q_s = T.alloc_shared([M, K], dtype)
             K_s = T.alloc_shared([BT, K], dtype)
             V_s = T.alloc_shared([BT, V], dtype)
-            sel_s = T.alloc_shared([n_sel], "int32")  # the block ids (any order)
+            sel_s = T.alloc_shared([n], "int32")  # the block ids (any order)
             acc_s = T.alloc_fragment([M, BT], acc)
             acc_s_cast = T.alloc_fragment([M, BT], dtype)
             acc_o = T.alloc_fragment([M, V], acc)
@@ -511,7 +511,7 @@ def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_
             i_n = i_nh // H
             i_h = i_nh % H
             n_win = T.min(WinCount[i_n], RW)
-            n_tiles = T.if_then_else(i_br == 0, n_sel * TPB, T.ceildiv(n_win, BT))
+            n_tiles = T.if_then_else(i_br == 0, n * TPB, T.ceildiv(n_win, BT))
             limit = T.if_then_else(i_br == 0, Len[i_n], n_win)
             start_rows(Q, Q_s, acc_o, m, l_run, i_n, i_h, G, M, K)
             T.pdl_sync()  # the predecessor's output (logits and partials, or the ids) is complete
@@ -537,17 +537,17 @@ def decode_sparse(H: int, G: int, K: int, V: int, l: int, d: int, l_sel: int, n_
                     read_counts(sv, NumCmp, Len, i_n, CC, l_sel, NB_MAX)
                     choose_blocks(LSE_part, Logits, lse_s, P_s, S_s, sel_s, a, b, ev, pu, bk, bi, pk, tx,
                                   i_n, i_h, sv[0], sv[1], sv[2], NS1, CC, G, U, threads, l, d,
-                                  l_sel, n_sel, lse_lanes(G, threads), (C_s, rk, cj, cv, OWN, NB_MAX))
+                                  l_sel, n, lse_lanes(G, threads), (C_s, rk, cj, cv, OWN, NB_MAX))
                     if i_s == 0:
-                        write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n_sel)
+                        write_ids(sel_s, BlockIdx, rank, tx, i_n, i_h, n)
             else:
-                for t in T.Parallel(n_sel):
+                for t in T.Parallel(n):
                     sel_s[t] = BlockIdx[i_n, i_h, t]
                 T.sync_threads()
 
             for it in T.serial(T.ceildiv(T.max(n_tiles - i_s, 0), NS3)):
                 tile = i_s + it * NS3
-                blk = T.if_then_else(i_br == 0, sel_s[T.min(tile // TPB, n_sel - 1)], 0)
+                blk = T.if_then_else(i_br == 0, sel_s[T.min(tile // TPB, n - 1)], 0)
                 # a padded block (-1) reads block 0 and masks it all
                 k0 = T.if_then_else(i_br == 0, T.max(blk, 0) * l_sel + (tile % TPB) * BT, tile * BT)
                 if i_br == 0:
