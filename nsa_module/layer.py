@@ -154,7 +154,9 @@ class NativeSparseAttention(nn.Module):
 
         Without a cache: the whole sequences (varlen with cu_seqlens, B = 1). With use_cache and no
         cache: the same, and the returned cache holds the prompt (one cache row per sequence). With
-        a cache: one new token per cached sequence, x `[N, 1, hidden]`.
+        a cache: C new tokens per cached sequence, x `[N, C, hidden]`: C = 1 is a decode step; C > 1
+        prefills the next chunk of each prompt (equal to prefilling the whole prompt at once; on the
+        reference for now: the kernels do not yet take queries at an offset).
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"x must be [B, T, hidden] with hidden = {self.hidden_size}, got "
@@ -163,10 +165,12 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"x's last dim must be the layer's hidden_size = {self.hidden_size}, got "
                              f"{x.shape[-1]} (x {list(x.shape)})")
         if cache is not None:
-            if cu_seqlens is not None or x.shape[1] != 1 or x.shape[0] != len(cache.lengths):
-                raise ValueError(f"decoding takes x [N={len(cache.lengths)}, 1, hidden] (one new token per cached "
-                                 f"sequence, no cu_seqlens), got {list(x.shape)}")
-            return self._decode(x, cache), cache
+            if cu_seqlens is not None or x.shape[0] != len(cache.lengths):
+                raise ValueError(f"with a cache the layer takes x [N={len(cache.lengths)}, C, hidden] (C new tokens "
+                                 f"per cached sequence, no cu_seqlens), got {list(x.shape)}")
+            if x.shape[1] == 1:
+                return self._decode(x, cache), cache
+            return self._prefill_chunk(x, cache), cache
         if self.cp_group is not None and cp.group_rank(self.cp_group)[0] > 1:
             if cu_seqlens is not None or use_cache:
                 raise ValueError("with a cp_group of several ranks the layer takes one sequence's shard: no cu_seqlens, "
@@ -235,6 +239,27 @@ class NativeSparseAttention(nn.Module):
                                          self.l, self.d, self._phi())
             cache.ckv_k.append(n, k_new[0])
             cache.ckv_v.append(n, v_new[0])
+
+    def _prefill_chunk(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
+        """C > 1 new tokens of each cached sequence, x `[N, C, hidden]`: appended to the cache, then
+        attended as queries at their offset over everything cached (reference.naive_nsa_branches)."""
+        N, C, _ = x.shape
+        outs = []
+        for n in range(N):
+            t0 = cache.lengths[n]
+            q, kv, gates = self._project(x[n:n + 1], torch.arange(t0, t0 + C, device=x.device))
+            ring = (cache.swa_k.get(n), cache.swa_v.get(n)) if self.W > 0 else None  # before the chunk enters
+            self._append(cache, n, {name: (k[0], v[0]) for name, (k, v) in kv.items()})
+            kv_cmp = (cache.ckv_k.get(n)[None], cache.ckv_v.get(n)[None])
+            kv_slc = (cache.slc_k.get(n)[None], cache.slc_v.get(n)[None])
+            kv_swa = None
+            if self.W > 0:  # the ring's tokens and the chunk's at their positions (the band reads no earlier one)
+                kv_swa = tuple(torch.cat([r.new_zeros(t0 - r.shape[0], *r.shape[1:]), r, new[0]])[None]
+                               for r, new in zip(ring, kv["swa"]))
+            o, _ = R.naive_nsa_branches(q, kv_cmp, kv_slc, kv_swa, *gates, None, self.n, self.l_sel, self.W, self.scale,
+                                        None, self.l, self.d, q_offset=t0)
+            outs.append(o)
+        return self.o_proj(rearrange(torch.cat(outs, 0), "b t h v -> b t (h v)"))
 
     def _decode(self, x: torch.Tensor, cache: NSACache) -> torch.Tensor:
         """One new token per sequence: the decode kernels on CUDA fp16/bf16, else the reference."""

@@ -120,10 +120,30 @@ def test_bad_layer_arguments_raise(over, exc, msg):
 def test_bad_decode_input_raises():
     m = layer()
     _, cache = m(torch.randn(2, 10, SMALL["hidden_size"]), use_cache=True)
-    with pytest.raises(ValueError, match="one new token per cached"):
-        m(torch.randn(2, 2, SMALL["hidden_size"]), cache=cache)
-    with pytest.raises(ValueError, match="one new token per cached"):
+    with pytest.raises(ValueError, match="C new tokens per cached sequence"):
         m(torch.randn(3, 1, SMALL["hidden_size"]), cache=cache)
+    with pytest.raises(ValueError, match="no cu_seqlens"):
+        m(torch.randn(1, 2, SMALL["hidden_size"]), cu_seqlens=torch.tensor([0, 1, 2]), cache=cache)
+
+
+@pytest.mark.parametrize("cuts", [(37, 80), (5, 6, 7, 50), (90,)], ids=["3-chunks", "short-chunks", "one-cut"])
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["per-branch-kv", "shared-kv"])
+def test_chunked_prefill_equals_one_prefill(cuts, shared_kv):
+    """A prompt prefilled in chunks with the cache (chunks shorter and longer than l, l' and W) gives
+    the outputs of one prefill, and the same next decode step: two sequences side by side."""
+    m = layer(shared_kv=shared_kv)
+    T = 100
+    x = torch.randn(2, T + 1, SMALL["hidden_size"])
+    with torch.no_grad():
+        y_full, cache_full = m(x[:, :T], use_cache=True)
+        bounds = (0, *cuts, T)
+        y0, cache = m(x[:, :bounds[1]], use_cache=True)
+        ys = [y0] + [m(x[:, a:b], cache=cache)[0] for a, b in zip(bounds[1:], bounds[2:])]
+        torch.testing.assert_close(torch.cat(ys, 1), y_full, atol=1e-5, rtol=1e-5)
+        assert cache.lengths == cache_full.lengths == [T, T]
+        step, _ = m(x[:, T:], cache=cache)
+        step_full, _ = m(x[:, T:], cache=cache_full)
+    torch.testing.assert_close(step, step_full, atol=1e-5, rtol=1e-5)
 
 
 # the gpu tests' layer: G = 8, K = V = 64, paper block sizes, a window
