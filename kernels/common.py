@@ -59,13 +59,12 @@ def row_lse(l, m, sc, empty):
 
 
 @T.macro
-def online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, GP, BN, V):
-    """One FlashAttention step on a masked score tile acc_s `[GP, BN]` (raw q·k, -inf where masked).
-
-    Keeps the running max m, the running sum l (both per row, base 2 with the scale sc folded in)
-    and rescales acc_o `[GP, V]`; acc_s leaves holding the tile's unnormalized probabilities. A row
-    whose tile is fully masked and has seen nothing stays at m = -inf, l = 0: the guard keeps
-    exp2(-inf - -inf) out, so such a row ends at 0, never NaN.
+def softmax_scores_step(acc_s, m, m_prev, r, l, l_blk, sc, GP, BN):
+    """The row half of a FlashAttention step on a masked score tile acc_s `[GP, BN]` (raw q·k, -inf
+    where masked): updates the running max m and sum l (per row, base 2 with the scale sc folded in),
+    leaves in r the factor the output accumulator must be rescaled by (rescale_rows) and in acc_s the
+    tile's unnormalized probabilities. A row whose tile is fully masked and has seen nothing stays at
+    m = -inf, l = 0: the guard keeps exp2(-inf - -inf) out, so such a row ends at 0, never NaN.
     """
     T.copy(m, m_prev)
     T.reduce_max(acc_s, m, dim=1, clear=False)
@@ -76,8 +75,22 @@ def online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, GP, BN, V):
     T.reduce_sum(acc_s, l_blk, dim=1)
     for i in T.Parallel(GP):
         l[i] = l[i] * r[i] + l_blk[i]
+
+
+@T.macro
+def rescale_rows(acc_o, r, GP, V):
+    """acc_o `[GP, V]` row i times r[i] (the other half of a step, split off so that an overlapped
+    schedule can run it once the accumulator's last MMA is done)."""
     for i, j in T.Parallel(GP, V):
         acc_o[i, j] *= r[i]
+
+
+@T.macro
+def online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, GP, BN, V):
+    """One FlashAttention step on a masked score tile acc_s `[GP, BN]`: softmax_scores_step, then
+    acc_o `[GP, V]` rescaled to the new running max (rescale_rows)."""
+    softmax_scores_step(acc_s, m, m_prev, r, l, l_blk, sc, GP, BN)
+    rescale_rows(acc_o, r, GP, V)
 
 
 def pipelined(extent, num_stages: int, n_loads: int, n_stmts: int):
