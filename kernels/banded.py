@@ -22,14 +22,16 @@ program owns the rows it writes: no atomics.
 import tilelang
 import tilelang.language as T
 
-from .common import LOG2E, PASS_CONFIGS, normalized, online_softmax_step, pad16, pipelined, row_lse, softmax_init
+from .common import (LOG2E, PASS_CONFIGS, normalized, online_softmax_step, pad16, pipelined, rescale_rows, row_lse,
+                     softmax_init, softmax_scores_step)
 
 # A window this long covers any sequence the int32 kernels index; it also means "no window".
 W_CAP = 1 << 30
 
 
-def pick_config(G: int, K: int, V: int, rows: int = 64, BN: int = 64, num_stages: int = 1) -> dict:
-    """Tile choices of the forward and dQ kernels.
+def pick_config(G: int, K: int, V: int, rows: int = 64, BN: int = 64, num_stages: int = 1,
+                overlap: bool = False) -> dict:
+    """Tile choices of the forward and dQ kernels (pick_dq_config: the same less `overlap`).
 
     M rows = BM tokens × G heads, BM = rows // G (at least 1), padded to 16; one warp per 16 rows
         (FullRow, so P and dS stay in registers between MMAs): 64 rows, 4 warps, one warpgroup
@@ -38,12 +40,25 @@ def pick_config(G: int, K: int, V: int, rows: int = 64, BN: int = 64, num_stages
     num_stages: 1, TileLang's single-buffered schedule (each tile's load is issued as soon as its
         buffer's last reader is done, so it overlaps the rest of the step); 2 double-buffers the
         K/V tiles a whole step ahead (common.pipelined).
+    overlap: the forward's FlashAttention-3 schedule inside the warpgroup (banded_overlap_loop:
+        step j's QKᵀ and step j-1's PV in flight during step j's softmax, K/V double-buffered by
+        TMA); needs one warpgroup (M = 64) and num_stages 1.
     Measured on the H200 (docs/perf-notes.md, issue 14): 128 rows and num_stages 2 each made the
     forward 1.3–1.5× slower and the backward a little slower; these defaults are the fastest tried.
     """
     BM = max(1, rows // G)
     M = pad16(BM * G)
-    return dict(BM=BM, M=M, BN=BN, threads=32 * (M // 16), num_stages=num_stages)
+    if overlap and (M != 64 or num_stages != 1):
+        raise ValueError(f"the overlapped forward runs one warpgroup of 64 rows, single-staged; got M = {M}, "
+                         f"num_stages = {num_stages}")
+    return dict(BM=BM, M=M, BN=BN, threads=32 * (M // 16), num_stages=num_stages, overlap=overlap)
+
+
+def pick_dq_config(G: int, K: int, V: int) -> dict:
+    """Tile choices of the dQ kernel: the forward's (pick_config) without its overlap switch."""
+    cfg = pick_config(G, K, V)
+    del cfg["overlap"]
+    return cfg
 
 
 def pick_dkv_config(G: int, K: int, V: int, num_stages: int = 1, BN: int = 64, threads: int = 0) -> dict:
@@ -56,6 +71,7 @@ def pick_dkv_config(G: int, K: int, V: int, num_stages: int = 1, BN: int = 64, t
     if num_stages > 1 and G & (G - 1):
         raise ValueError(f"double-buffered dK/dV needs a power-of-two G, got {G}")
     cfg = pick_config(G, K, V, rows=64, BN=BN, num_stages=num_stages)
+    del cfg["overlap"]
     cfg["threads"] = threads or (256 if max(K, V) >= 256 else 128)
     return cfg
 
@@ -108,10 +124,64 @@ def key_range(QOffsets, QSeq, KOffsets, t0, Tq, lo, n_tiles, BM: int, BN: int, W
     n_tiles[0] = T.ceildiv(T.max(hi - lo[0] + 1, 0), BN)
 
 
+@T.macro
+def load_tile(X, X_s, bar, i_b, kt, i_h, s, BN: int):
+    """X_s[s] `[BN, D]` <- rows kt … kt+BN-1 of kv head i_h of X `[B, Tk, H, D]` by TMA (rows past Tk
+    arrive as zeros), completing barrier bar[s] (every thread arrives; the bytes land later)."""
+    T.tma_copy(X[i_b, kt:kt + BN, i_h, :], X_s[s, :, :], barrier=bar[s])
+    T.barrier_arrive(bar[s])
+
+
+@T.macro
+def banded_overlap_loop(Kt, Vt, Q_s, K_s, V_s, bar_k, bar_v, acc_s, acc_s_cast, acc_o, m, m_prev, r, l, l_blk,
+                        tpos_s, kbos_s, lo, n, i_b, i_h, M: int, BN: int, V: int, W: int, KS: int, KC: int, sc: float,
+                        threads: int):
+    """The forward's key loop as FlashAttention-3 schedules it inside one warpgroup: step j issues
+    QKᵀ of tile j and PV of tile j-1 as asynchronous wgmma, runs tile j's softmax once the first is
+    done (while PV runs) and rescales the output once the second is. K_s, V_s `[2, BN, D]` are double
+    buffers filled by TMA: step j starts with a block barrier (every warp done with step j-1's MMAs,
+    whose buffers it then refills) and issues K of tile j+1 and V of tile j, so each load has a
+    whole step to land. Same arithmetic in the same order as the plain loop (acc_o rescaled by step
+    j's factor, then P_j·V_j added), so O and LSE agree with it exactly.
+    Tile t's K (V) is the (t // 2)-th load into buffer t % 2: its barrier phase is (t // 2) % 2."""
+    # the fences keep nvcc from moving reads of an MMA's registers above its wait (registers a thread)
+    regs_s, regs_o = M * BN // threads, M * V // threads
+    if n > 0:
+        load_tile(Kt, K_s, bar_k, i_b, lo[0], i_h, 0, BN)
+    T.clear(acc_s_cast)  # first read at step 1, after step 0 writes it; cleared for TileLang's init check
+    for j in T.serial(n):
+        s = j % 2
+        T.sync_threads()
+        if j + 1 < n:
+            load_tile(Kt, K_s, bar_k, i_b, lo[0] + (j + 1) * BN, i_h, 1 - s, BN)
+        load_tile(Vt, V_s, bar_v, i_b, lo[0] + j * BN, i_h, s, BN)
+        band_mask(acc_s, lo[0] + j * BN, tpos_s, kbos_s, M, BN, W, KS, KC)
+        T.barrier_wait(bar_k[s], (j // 2) % 2)
+        T.wgmma_gemm(Q_s, K_s[s, :, :], acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        if j > 0:
+            T.barrier_wait(bar_v[1 - s], ((j - 1) // 2) % 2)
+            T.wgmma_gemm(acc_s_cast, V_s[1 - s, :, :], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            T.wait_wgmma(1)  # QKᵀ of tile j done, PV of tile j-1 may still run
+        else:
+            T.wait_wgmma(0)
+        T.warpgroup_fence_operand(acc_s, num_regs=regs_s)
+        softmax_scores_step(acc_s, m, m_prev, r, l, l_blk, sc, M, BN)
+        T.wait_wgmma(0)
+        T.warpgroup_fence_operand(acc_o, num_regs=regs_o)
+        T.warpgroup_fence_operand(acc_s_cast, num_regs=regs_s // 2)
+        rescale_rows(acc_o, r, M, V)
+        T.copy(acc_s, acc_s_cast)
+    if n > 0:
+        T.barrier_wait(bar_v[(n - 1) % 2], ((n - 1) // 2) % 2)
+        T.gemm(acc_s_cast, V_s[(n - 1) % 2, :, :], acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
-               BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
-    """Kernel(Q, K, V, Gate, QOffsets, QSeq, KOffsets, O, OG, LSE): O, OG = Gate·O and LSE."""
+               BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1,
+               overlap: bool = False):
+    """Kernel(Q, K, V, Gate, QOffsets, QSeq, KOffsets, O, OG, LSE): O, OG = Gate·O and LSE.
+    overlap: the key loop of banded_overlap_loop (pick_config) instead of TileLang's pipeline."""
     B, Tq, Tk, N1 = T.dynamic("B, Tq, Tk, N1")
     HQ = H * G
     sc = scale * LOG2E
@@ -132,8 +202,8 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
     ):
         with T.Kernel(T.ceildiv(Tq, BM), B * H, threads=threads) as (i_m, i_bh):
             Q_s = T.alloc_shared([M, K], dtype)
-            K_s = T.alloc_shared([BN, K], dtype)
-            V_s = T.alloc_shared([BN, V], dtype)
+            K_s = T.alloc_shared([2, BN, K] if overlap else [BN, K], dtype)
+            V_s = T.alloc_shared([2, BN, V] if overlap else [BN, V], dtype)
             O_s = T.alloc_shared([M, V], dtype)
             lse_s = T.alloc_shared([M], acc)
             tpos_s = T.alloc_shared([M], "int32")
@@ -157,19 +227,26 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
             load_row_meta(QOffsets, QSeq, KOffsets, t0, Tq, tpos_s, kbos_s, G, BM, M)
             softmax_init(acc_o, m, l)
 
-            # 13 statements (online_softmax_step is 7), the K and V loads first when double-buffered
-            for it in pipelined(n_tiles[0], num_stages, 2, 13):
-                kt = lo[0] + it * BN
-                T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
-                if num_stages > 1:
-                    T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
-                band_mask(acc_s, kt, tpos_s, kbos_s, M, BN, W, KS, KC)
-                T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V)
-                T.copy(acc_s, acc_s_cast)  # FullRow: each warp owns its rows, P stays in registers
-                if num_stages <= 1:  # single-buffered: V's load overlaps QKᵀ and the softmax
-                    T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
-                T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+            if overlap:
+                bar_k = T.alloc_barrier([threads] * 2)
+                bar_v = T.alloc_barrier([threads] * 2)
+                T.sync_threads()  # Q_s, tpos_s, kbos_s written by all threads before the first MMA
+                banded_overlap_loop(Kt, Vt, Q_s, K_s, V_s, bar_k, bar_v, acc_s, acc_s_cast, acc_o, m, m_prev, r, l,
+                                    l_blk, tpos_s, kbos_s, lo, n_tiles[0], i_b, i_h, M, BN, V, W, KS, KC, sc, threads)
+            else:
+                # 13 statements (online_softmax_step is 7), the K and V loads first when double-buffered
+                for it in pipelined(n_tiles[0], num_stages, 2, 13):
+                    kt = lo[0] + it * BN
+                    T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
+                    if num_stages > 1:
+                        T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
+                    band_mask(acc_s, kt, tpos_s, kbos_s, M, BN, W, KS, KC)
+                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    online_softmax_step(acc_s, acc_o, m, m_prev, r, l, l_blk, sc, M, BN, V)
+                    T.copy(acc_s, acc_s_cast)  # FullRow: each warp owns its rows, P stays in registers
+                    if num_stages <= 1:  # single-buffered: V's load overlaps QKᵀ and the softmax
+                        T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
+                    T.gemm(acc_s_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             for i, j in T.Parallel(M, V):
                 acc_o[i, j] = normalized(acc_o[i, j], l[i])
@@ -510,7 +587,7 @@ def banded_kernels(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dty
     cfg = pick_config(G, K, V)
     dkv = banded_bwd_dkv_split if splits_query_range(W) else banded_bwd_dkv
     return (banded_fwd(H, G, K, V, W, KS, KC, dtype, scale, **cfg),
-            banded_bwd_dq(H, G, K, V, W, KS, KC, dtype, scale, **cfg),
+            banded_bwd_dq(H, G, K, V, W, KS, KC, dtype, scale, **pick_dq_config(G, K, V)),
             dkv(H, G, K, V, W, KS, KC, dtype, scale, **pick_dkv_config(G, K, V)))
 
 
