@@ -3,8 +3,8 @@ time, TFLOP/s on the useful FLOPs, and agreement with the first configuration (t
 
     python benchmarks/profile_banded.py [--T 65536] [--variants base r128 r128s2 ...] [--out DIR]
 
-A variant is (rows, BN, num_stages) of the forward and dQ kernels plus num_stages of the dK/dV
-kernels (kernels/banded.py: pick_config, pick_dkv_config). Each variant also runs a packed batch
+A variant is (rows, BN, num_stages) of the forward and dQ kernels, the dK/dV kernels' options and
+the forward's `overlap` switch (kernels/banded.py: pick_config, pick_dkv_config). Each variant also runs a packed batch
 of hostile lengths, compared with the first variant row by row, so a configuration that breaks a
 sequence boundary shows here before the gpu tests run.
 """
@@ -25,21 +25,23 @@ from nsa_module.common import compressed_layout  # noqa: E402
 from nsa_module.compressed import compress_mean  # noqa: E402
 from nsa_module.banded import banded_bwd, banded_fwd  # noqa: E402
 
-# name: (rows, BN, num_stages of fwd/dQ, dK/dV options); "base" is the configuration before issue 14
-# (validated over the gpu grids), the first variant the others are compared with
+# name: (rows, BN, num_stages of fwd/dQ, dK/dV options, overlapped forward); "base" is the
+# configuration before issue 14 (validated over the gpu grids), the first variant the others are
+# compared with; "overlap" is base with the forward of banded_overlap_loop (issue 14 step 3)
 VARIANTS = {
-    "base": (64, 64, 1, dict(num_stages=1)),
-    "r64s2": (64, 64, 2, dict(num_stages=2)),
-    "r128": (128, 64, 1, dict(num_stages=1)),
-    "r128s2": (128, 64, 2, dict(num_stages=2)),
-    "r128b128s2": (128, 128, 2, dict(num_stages=2)),
-    "r128s2-dkv128": (128, 64, 2, dict(num_stages=2, BN=128, threads=256)),
+    "base": (64, 64, 1, dict(num_stages=1), False),
+    "overlap": (64, 64, 1, dict(num_stages=1), True),
+    "r64s2": (64, 64, 2, dict(num_stages=2), False),
+    "r128": (128, 64, 1, dict(num_stages=1), False),
+    "r128s2": (128, 64, 2, dict(num_stages=2), False),
+    "r128b128s2": (128, 128, 2, dict(num_stages=2), False),
+    "r128s2-dkv128": (128, 64, 2, dict(num_stages=2, BN=128, threads=256), False),
 }
 
 
 def use_variant(v):
-    rows, BN, ns, dkv = VARIANTS[v]
-    K_band.pick_config = functools.partial(ORIG_PICK, rows=rows, BN=BN, num_stages=ns)
+    rows, BN, ns, dkv, overlap = VARIANTS[v]
+    K_band.pick_config = functools.partial(ORIG_PICK, rows=rows, BN=BN, num_stages=ns, overlap=overlap)
     K_band.pick_dkv_config = functools.partial(ORIG_PICK_DKV, **dkv)
 
 

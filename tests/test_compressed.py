@@ -4,9 +4,11 @@ gpu: forward and gradients (q, k_cmp, v_cmp, g_cmp) for the paper's (l, d) = (32
 l = d = 64 and (16, 8); G ∈ {1, 3, 4, 8, 16, 32} (query tiles of 64 … 2 tokens); varlen with many
 short sequences whose ends fall inside query and key tiles (lengths around l, d and the tile,
 1-token sequences, sequences with no compressed token next to ones with one); T off every grid;
-both dtypes; outputs poisoned first; compared per sequence and per row (tests/utils.py).
+both dtypes; outputs poisoned first; compared per sequence and per row (tests/utils.py); the same for
+the overlapped forward (pick_config(overlap=True)) on the hostile cases.
 compile: the strided family builds for sm_90a. CPU: checks.
 """
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -63,6 +65,18 @@ def test_compressed_matches_reference(case, compiled_grid, poison_outputs):
     B = 1 if varlen else 2
     # varlen: short sequences around l, d and the query tile (64 // G tokens), then one of the rest
     check_compressed(G, H, K, V, l, d, dtype, B, T, hostile_cu(T, l, d, max(1, 64 // G)) if varlen else None)
+
+
+# the paper config (K != V), fp16 at G = 4, tiles of 21 tokens
+OVERLAP = [GRID[0], GRID[5], GRID[7]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", OVERLAP, ids=[grid_id(c) for c in OVERLAP])
+def test_compressed_overlapped_forward_matches_reference(case, monkeypatch, poison_outputs):
+    monkeypatch.setattr(K_band, "pick_config", functools.partial(K_band.pick_config, overlap=True))
+    G, H, K, V, l, d, dtype, varlen, T = case
+    check_compressed(G, H, K, V, l, d, dtype, 1, T, hostile_cu(T, l, d, max(1, 64 // G)))
 
 
 @pytest.mark.gpu

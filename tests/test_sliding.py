@@ -3,9 +3,12 @@
 gpu: forward and every gradient (q, k, v, gates) against reference.naive_nsa in float32 over G,
 head dims, W ∈ {1, 7, 64, 512, >= T}, varlen with many short sequences whose ends fall inside the
 query and key tiles, T off the tile grid and both dtypes, outputs poisoned with NaN first, compared
-per sequence and per row (tests/utils.py); W >= T against SDPA's full causal attention. compile: the family builds for sm_90a
-on the CPU. CPU: the argument checks.
+per sequence and per row (tests/utils.py); W >= T against SDPA's full causal attention; the same for
+the overlapped forward (pick_config(overlap=True)) on the hostile cases. compile: the family builds
+for sm_90a on the CPU, and the overlapped forward of the paper config with its asynchronous MMAs.
+CPU: the argument checks.
 """
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -59,15 +62,29 @@ def make_inputs(G, H, K, V, dtype, varlen, T, seed=0, sizes=()):
     return q, k, v, g1, g2, cu
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GRID, ids=[grid_id(c) for c in GRID])
-def test_sliding_matches_reference(case, compiled_grid, poison_outputs):
-    G, H, K, V, W, dtype, varlen, T = case
+def check_sliding(G, H, K, V, W, dtype, varlen, T):
     q, k, v, g, _, cu = make_inputs(G, H, K, V, dtype, varlen, T, sizes=(W,))
     ours, ref, lp = run_both(lambda q, k, v, g: sliding_window_attention(q, k, v, W, None, cu, g),
                              lambda q, k, v, g: R.naive_nsa(q, k, v, None, g, None, None, 64, W, None, cu),
                              [q, k, v, g])
     assert_close(ours, ref, lp, ["o", "dq", "dk", "dv", "dg"], dtype, segments(q.shape[0], T, cu))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GRID, ids=[grid_id(c) for c in GRID])
+def test_sliding_matches_reference(case, compiled_grid, poison_outputs):
+    check_sliding(*case)
+
+
+# the paper config varlen, K != V, K = V = 256, a G that divides no tile: every row count it takes
+OVERLAP = [GRID[1], GRID[4], GRID[5], GRID[11]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", OVERLAP, ids=[grid_id(c) for c in OVERLAP])
+def test_sliding_overlapped_forward_matches_reference(case, monkeypatch, poison_outputs):
+    monkeypatch.setattr(K_band, "pick_config", functools.partial(K_band.pick_config, overlap=True))
+    check_sliding(*case)
 
 
 @pytest.mark.gpu
@@ -107,6 +124,24 @@ def test_compile_sliding(fam, sm90_target):
     H, G, K, V, W, dtype = fam
     for kern in K_band.sliding_kernels(H, G, K, V, W, dtype, K ** -0.5):
         assert "__global__" in kern.get_kernel_source()
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("branch", ["sliding", "compressed"])
+def test_compile_overlapped_forward(branch, sm90_target):
+    """The paper config's overlapped forward (sliding W = 512, compressed l = 32, d = 16; G = 16, H = 4,
+    K = V = 128) builds for sm_90a with QKᵀ waited for while PV may still run, and K/V by TMA."""
+    W, KS, KC = (512, 1, 0) if branch == "sliding" else (K_band.W_CAP, 16, 31)
+    src = K_band.banded_fwd(4, 16, 128, 128, W, KS, KC, "bfloat16", 128 ** -0.5,
+                            **K_band.pick_config(16, 128, 128, overlap=True)).get_kernel_source()
+    assert "wait_wgmma<1>" in src and "tma_load" in src
+
+
+def test_overlap_needs_one_warpgroup():
+    assert K_band.pick_config(16, 128, 128, overlap=True)["threads"] == 128
+    assert "overlap" not in K_band.pick_dq_config(16, 128, 128)
+    with pytest.raises(ValueError, match="one warpgroup"):
+        K_band.pick_config(128, 128, 128, overlap=True)
 
 
 def _cpu(**over):

@@ -5,7 +5,7 @@ TileLang build, not on the machine: kernels compiled here with the sm_90a target
 TileLang wheel are cache hits on an H100 that runs with the same TILELANG_DEFAULT_TARGET and
 TILELANG_CACHE_DIR. That moves minutes of nvcc time off the GPU.
 
-    TILELANG_CACHE_DIR=.tlcache python tools/precompile.py tests bench   # also: memcheck, profile_topn
+    TILELANG_CACHE_DIR=.tlcache python tools/precompile.py tests bench   # also: memcheck, profile_topn, profile_banded
     # on the GPU machine: TILELANG_CACHE_DIR=.tlcache TILELANG_DEFAULT_TARGET='{"kind": "cuda", "arch": "sm_90a"}' pytest -m gpu
 
 Families are named like the launchers name them: nsa(...) compiles the compressed (banded, strided
@@ -75,6 +75,12 @@ def build(fam):
     elif name == "decode":
         from nsa_module.decode import _kernels
         _kernels(*args)
+    elif name == "overlap":  # the overlapped forward alone (its dQ and dK/dV are the defaults)
+        H, G, K, V = args[:4]
+        K_band.banded_fwd(*args, **K_band.pick_config(G, K, V, overlap=True))
+    elif name == "profile_banded":
+        from benchmarks.profile_banded import _build
+        _build(args)
     elif name == "block_scores":
         H, G, K, l, d, ls, dtype, scale = args
         K_topk.block_scores(*args, **K_topk.pick_config(G, K, l, d, ls))
@@ -106,6 +112,10 @@ def test_families():
     fams += sliding(2, 8, 128, 128, 2 ** 40, "bfloat16")
     for G, H, K, V, l, d, dtype, _, _ in test_compressed.GRID:
         fams += compressed(H, G, K, V, l, d, dt(dtype))
+    for G, H, K, V, l, d, dtype, _, _ in test_compressed.OVERLAP:
+        fams.append(("overlap", (H, G, K, V, K_band.W_CAP, d, l - 1, dt(dtype), K ** -0.5)))
+    for G, H, K, V, W, dtype, _, _ in test_sliding.OVERLAP:
+        fams.append(("overlap", (H, G, K, V, min(W, K_band.W_CAP), 1, 0, dt(dtype), K ** -0.5)))
     fams += compressed(2, 4, 64, 64, 32, 16, "bfloat16")
     fams += sliding(4, 16, 256, 256, 512, "bfloat16") + compressed(4, 16, 256, 256, 32, 16, "bfloat16")  # T > 128k
     for G, H, K, V, l, d, ls, n, W, dtype, _, _ in test_nsa.CASES:
@@ -152,6 +162,14 @@ def profile_topn_families():
     return fams
 
 
+def profile_banded_families():
+    """What benchmarks/profile_banded.py compiles with its defaults (both branches, every variant, the
+    overlapped forward included; H = 4, G = 16, K = V = 128, bf16, l = 32, d = 16, W = 512)."""
+    from benchmarks.profile_banded import VARIANTS
+    return [("profile_banded", (br, var, 4, 16, 128, 32, 16, 512)) for br in ("sliding", "compressed")
+            for var in VARIANTS]
+
+
 def main(which):
     fams = []
     if "tests" in which:
@@ -162,6 +180,8 @@ def main(which):
         fams += bench_families()
     if "profile_topn" in which:
         fams += profile_topn_families()
+    if "profile_banded" in which:
+        fams += profile_banded_families()
     fams = list(dict.fromkeys(fams))
     t0 = time.time()
     with ProcessPoolExecutor(int(os.environ.get("NSA_PRECOMPILE_JOBS", os.cpu_count()))) as pool:
