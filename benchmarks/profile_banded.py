@@ -27,10 +27,12 @@ from nsa_module.banded import banded_bwd, banded_fwd  # noqa: E402
 
 # name: (rows, BN, num_stages of fwd/dQ, dK/dV options, overlapped forward); "base" is the
 # configuration before issue 14 (validated over the gpu grids), the first variant the others are
-# compared with; "overlap" is base with the forward of banded_overlap_loop (issue 14 step 3)
+# compared with; "overlap" is base with the forward of banded_overlap_loop (issue 14 step 3), 2
+# programs an SM (83 KB of shared memory); "overlap-bn32" the same on 32-key steps, 4 an SM (50 KB)
 VARIANTS = {
     "base": (64, 64, 1, dict(num_stages=1), False),
     "overlap": (64, 64, 1, dict(num_stages=1), True),
+    "overlap-bn32": (64, 32, 1, dict(num_stages=1), True),
     "r64s2": (64, 64, 2, dict(num_stages=2), False),
     "r128": (128, 64, 1, dict(num_stages=1), False),
     "r128s2": (128, 64, 2, dict(num_stages=2), False),
