@@ -5,7 +5,9 @@ at all) next to ones with one, packed batches of many short sequences around l, 
 tile, T off every tile grid, windows of 1 and past the sequence.
 
     compute-sanitizer --tool memcheck python tools/memcheck_banded.py
+    compute-sanitizer --tool memcheck python tools/memcheck_banded.py --overlap   # the overlapped forward
 """
+import functools
 import os
 import sys
 
@@ -13,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels import banded as K_band  # noqa: E402
 from nsa_module import compress_mean, compressed_attention, nsa, sliding_window_attention  # noqa: E402
 from reference.inputs import random_qkv  # noqa: E402
 from tests.utils import hostile_lengths  # noqa: E402
@@ -33,6 +36,8 @@ CASES = [(16, 2, 128, 128, 1), (3, 2, 64, 64, 7), (4, 1, 192, 128, 4096)]
 
 
 def main():
+    if "--overlap" in sys.argv:  # the banded forwards with pick_config(overlap=True), TMA loads included
+        K_band.pick_config = functools.partial(K_band.pick_config, overlap=True)
     for G, H, K, V, W in CASES:
         for cu in LAYOUTS:
             T = 301 if cu is None else cu[-1]

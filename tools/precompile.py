@@ -132,11 +132,13 @@ def test_families():
 
 
 def memcheck_families():
-    """What tools/memcheck_banded.py compiles."""
+    """What tools/memcheck_banded.py compiles (with and without --overlap)."""
     from tools.memcheck_banded import CASES
     fams = []
     for G, H, K, V, W in CASES:
         fams += sliding(H, G, K, V, W, "bfloat16") + compressed(H, G, K, V, 32, 16, "bfloat16")
+        for W_, KS, KC in ((W, 1, 0), (K_band.W_CAP, 16, 31)):  # --overlap's forwards
+            fams.append(("overlap", (H, G, K, V, W_, KS, KC, "bfloat16", K ** -0.5)))
     return fams + nsa(2, 16, 128, 128, 32, 16, 32, 4, 1, "bfloat16")
 
 
