@@ -27,6 +27,19 @@ from .common import LOG2E, PASS_CONFIGS, normalized, online_softmax_step, pad16,
 # A window this long covers any sequence the int32 kernels index; it also means "no window".
 W_CAP = 1 << 30
 
+# O_FP32 (o_dtype="float32" in banded_fwd and banded_bwd_dq): the forward stores the O the backward
+# reads in fp32 instead of bf16/fp16. The dQ kernel's Delta = rowsum(dO ∘ O) then matches the P it
+# recomputes: Σ_j dS_j = Σ_j P_j (dP_j - Delta) is 0 up to fp32 rounding. From a bf16 O it is off by
+# about |dO|·|O|·2^-9, which dQ carries as that residual times the row's P-weighted key; where one key
+# dominates a row, its true dQ (∝ the other keys' P) is small and the residual can exceed the per-row
+# allowance (docs/perf-notes.md; tools/emulate_dq.py). Costs 2 more bytes per O element (memory and
+# one write + one read). Off by default: the default kernels' generated code is unchanged.
+
+
+def in_dtype(x, dtype: str):
+    """x as dtype: itself when it already is (the default kernels' expressions stay as they were)."""
+    return x if x.dtype == dtype else T.cast(x, dtype)
+
 
 def pick_config(G: int, K: int, V: int, rows: int = 64, BN: int = 64, num_stages: int = 1) -> dict:
     """Tile choices of the forward and dQ kernels.
@@ -110,9 +123,13 @@ def key_range(QOffsets, QSeq, KOffsets, t0, Tq, lo, n_tiles, BM: int, BN: int, W
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
-               BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
-    """Kernel(Q, K, V, Gate, QOffsets, QSeq, KOffsets, O, OG, LSE): O, OG = Gate·O and LSE."""
+               BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1, o_dtype: str = ""):
+    """Kernel(Q, K, V, Gate, QOffsets, QSeq, KOffsets, O, OG, LSE): O, OG = Gate·O and LSE.
+
+    O, which only the backward reads, is stored in o_dtype ("" = dtype; "float32": O_FP32 below);
+    OG is the bf16/fp16 O times the gate either way."""
     B, Tq, Tk, N1 = T.dynamic("B, Tq, Tk, N1")
+    od = o_dtype or dtype
     HQ = H * G
     sc = scale * LOG2E
     acc = "float32"
@@ -126,7 +143,7 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
         QOffsets: T.Tensor([N1], "int32"),
         QSeq: T.Tensor([Tq], "int32"),
         KOffsets: T.Tensor([N1], "int32"),
-        O: T.Tensor([B, Tq, HQ, V], dtype),
+        O: T.Tensor([B, Tq, HQ, V], od),
         OG: T.Tensor([B, Tq, HQ, V], dtype),
         LSE: T.Tensor([B, Tq, HQ], acc),
     ):
@@ -134,7 +151,7 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
             Q_s = T.alloc_shared([M, K], dtype)
             K_s = T.alloc_shared([BN, K], dtype)
             V_s = T.alloc_shared([BN, V], dtype)
-            O_s = T.alloc_shared([M, V], dtype)
+            O_s = T.alloc_shared([M, V], od)
             lse_s = T.alloc_shared([M], acc)
             tpos_s = T.alloc_shared([M], "int32")
             kbos_s = T.alloc_shared([M], "int32")
@@ -180,7 +197,8 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
             for rr, d in T.Parallel(M, V):
                 if tpos_s[rr] >= 0:
                     O[i_b, t0 + rr // G, i_h * G + rr % G, d] = O_s[rr, d]
-                    OG[i_b, t0 + rr // G, i_h * G + rr % G, d] = O_s[rr, d] * Gate[i_b, t0 + rr // G, i_h * G + rr % G]
+                    OG[i_b, t0 + rr // G, i_h * G + rr % G, d] = in_dtype(O_s[rr, d], dtype) * Gate[
+                        i_b, t0 + rr // G, i_h * G + rr % G]
             for rr in T.Parallel(M):
                 if tpos_s[rr] >= 0:
                     LSE[i_b, t0 + rr // G, i_h * G + rr % G] = lse_s[rr]
@@ -190,13 +208,14 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
-                  BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
+                  BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1, o_dtype: str = ""):
     """Kernel(Q, K, V, O, dOG, Gate, LSE, QOffsets, QSeq, KOffsets, dQ, Delta, dGate).
 
     As the selected dQ kernel: dGate = rowsum(dOG ∘ O), Delta = Gate·dGate, then per key tile
-    dS = P ∘ (Gate·(dOG·Vᵀ) - Delta) and dQ = scale · dS·K.
+    dS = P ∘ (Gate·(dOG·Vᵀ) - Delta) and dQ = scale · dS·K. O in o_dtype (banded_fwd's).
     """
     B, Tq, Tk, N1 = T.dynamic("B, Tq, Tk, N1")
+    od = o_dtype or dtype
     HQ = H * G
     sc = scale * LOG2E
     acc = "float32"
@@ -206,7 +225,7 @@ def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtyp
         Q: T.Tensor([B, Tq, HQ, K], dtype),
         Kt: T.Tensor([B, Tk, H, K], dtype),
         Vt: T.Tensor([B, Tk, H, V], dtype),
-        O: T.Tensor([B, Tq, HQ, V], dtype),
+        O: T.Tensor([B, Tq, HQ, V], od),
         dO: T.Tensor([B, Tq, HQ, V], dtype),
         Gate: T.Tensor([B, Tq, HQ], dtype),
         LSE: T.Tensor([B, Tq, HQ], acc),
@@ -220,7 +239,7 @@ def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtyp
         with T.Kernel(T.ceildiv(Tq, BM), B * H, threads=threads) as (i_m, i_bh):
             Q_s = T.alloc_shared([M, K], dtype)
             dO_s = T.alloc_shared([M, V], dtype)
-            O_s = T.alloc_shared([M, V], dtype)
+            O_s = T.alloc_shared([M, V], od)
             K_s = T.alloc_shared([BN, K], dtype)
             V_s = T.alloc_shared([BN, V], dtype)
             dQ_s = T.alloc_shared([M, K], dtype)
@@ -505,15 +524,17 @@ def splits_query_range(W: int) -> bool:
     return W >= W_CAP
 
 
-def banded_kernels(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float):
+def banded_kernels(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
+                   o_dtype: str = ""):
     """The three kernels one shape family needs (forward, dQ, dK/dV), compiled or taken from the cache."""
     cfg = pick_config(G, K, V)
     dkv = banded_bwd_dkv_split if splits_query_range(W) else banded_bwd_dkv
-    return (banded_fwd(H, G, K, V, W, KS, KC, dtype, scale, **cfg),
-            banded_bwd_dq(H, G, K, V, W, KS, KC, dtype, scale, **cfg),
+    extra = dict(o_dtype=o_dtype) if o_dtype else {}
+    return (banded_fwd(H, G, K, V, W, KS, KC, dtype, scale, **cfg, **extra),
+            banded_bwd_dq(H, G, K, V, W, KS, KC, dtype, scale, **cfg, **extra),
             dkv(H, G, K, V, W, KS, KC, dtype, scale, **pick_dkv_config(G, K, V)))
 
 
-def sliding_kernels(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float):
+def sliding_kernels(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float, o_dtype: str = ""):
     """The sliding window's kernels: keys are the tokens (KS = 1, KC = 0)."""
-    return banded_kernels(H, G, K, V, min(W, W_CAP), 1, 0, dtype, scale)
+    return banded_kernels(H, G, K, V, min(W, W_CAP), 1, 0, dtype, scale, o_dtype)
