@@ -71,6 +71,17 @@ def test_sliding_matches_reference(case, compiled_grid, poison_outputs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", [GRID[1]], ids=[grid_id(GRID[1])])
+def test_sliding_fp32_o_matches_reference(case, compiled_grid, poison_outputs, monkeypatch):
+    """The case whose dQ missed the per-row rule on one row (docs/perf-notes.md), with the forward
+    storing O in fp32 for the backward (kernels/banded.py O_FP32): Delta then matches P, so the
+    rows where one key dominates keep their small dQ."""
+    import nsa_module.banded
+    monkeypatch.setattr(nsa_module.banded, "O_FP32", True)
+    test_sliding_matches_reference(case, compiled_grid, poison_outputs)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", [(16, 2, 192, 128, 64, 16, 512, torch.bfloat16, True, 900),
                                   (4, 2, 64, 64, 32, 4, 7, torch.float16, False, 333)],
                          ids=["paper-dims-W512-varlen", "G4-W7"])
@@ -107,6 +118,17 @@ def test_compile_sliding(fam, sm90_target):
     H, G, K, V, W, dtype = fam
     for kern in K_band.sliding_kernels(H, G, K, V, W, dtype, K ** -0.5):
         assert "__global__" in kern.get_kernel_source()
+
+
+@pytest.mark.compile
+def test_compile_sliding_fp32_o(sm90_target):
+    """The forward and dQ kernels with O stored in fp32 (O_FP32) build; the default ones take no
+    o_dtype and are unchanged."""
+    H, G, K, V, W, dtype = FAMILIES[0]
+    fwd, dq, _ = K_band.sliding_kernels(H, G, K, V, W, dtype, K ** -0.5, o_dtype="float32")
+    for kern in (fwd, dq):
+        src = kern.get_kernel_source()
+        assert "__global__" in src and "float* __restrict__ O" in src
 
 
 def _cpu(**over):
