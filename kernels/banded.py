@@ -22,23 +22,19 @@ program owns the rows it writes: no atomics.
 import tilelang
 import tilelang.language as T
 
-from .common import LOG2E, PASS_CONFIGS, normalized, online_softmax_step, pad16, pipelined, row_lse, softmax_init
+from .common import LOG2E, PASS_CONFIGS, in_dtype, normalized, online_softmax_step, pad16, pipelined, row_lse, softmax_init
 
 # A window this long covers any sequence the int32 kernels index; it also means "no window".
 W_CAP = 1 << 30
 
-# O_FP32 (o_dtype="float32" in banded_fwd and banded_bwd_dq): the forward stores the O the backward
-# reads in fp32 instead of bf16/fp16. The dQ kernel's Delta = rowsum(dO ∘ O) then matches the P it
-# recomputes: Σ_j dS_j = Σ_j P_j (dP_j - Delta) is 0 up to fp32 rounding. From a bf16 O it is off by
-# about |dO|·|O|·2^-9, which dQ carries as that residual times the row's P-weighted key; where one key
-# dominates a row, its true dQ (∝ the other keys' P) is small and the residual can exceed the per-row
-# allowance (docs/perf-notes.md; tools/emulate_dq.py). Costs 2 more bytes per O element (memory and
-# one write + one read). Off by default: the default kernels' generated code is unchanged.
-
-
-def in_dtype(x, dtype: str):
-    """x as dtype: itself when it already is (the default kernels' expressions stay as they were)."""
-    return x if x.dtype == dtype else T.cast(x, dtype)
+# O_FP32 (o_dtype="float32" in banded_fwd and banded_bwd_dq, and in selected.py's): the forward
+# stores the O the backward reads in fp32 instead of bf16/fp16. The dQ kernel's Delta = rowsum(dO ∘ O)
+# then matches the P it recomputes: Σ_j dS_j = Σ_j P_j (dP_j - Delta) is 0 up to fp32 rounding. From
+# a bf16 O it is off by about |dO|·|O|·2^-9, which dQ carries as that residual times the row's
+# P-weighted key; where one key dominates a row, its true dQ (∝ the other keys' P) is small and the
+# residual can exceed the per-row allowance (docs/perf-notes.md; tools/emulate_dq.py). Costs 2 more
+# bytes per O element (memory, and one write + one read). Off by default: the default kernels'
+# generated code is unchanged.
 
 
 def pick_config(G: int, K: int, V: int, rows: int = 64, BN: int = 64, num_stages: int = 1) -> dict:

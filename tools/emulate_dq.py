@@ -20,7 +20,7 @@ Each rounding can be turned off (float64 there instead), and Delta can come from
 On the CPU the inputs are the failing test's shapes and sequences (G16-H2-K128V128-W512-bfloat16-
 varlen-T1000) from CPU generators (CUDA's give other numbers); --device cuda generates them exactly as
 the test does (dO from run_both's CUDA generator), and --kernel also runs the kernel there and
-reports how far its dQ is from the emulation, row by row.
+reports how far its dQ is from the emulation, row by row, as written and with O_FP32 (fix a).
 """
 from __future__ import annotations
 
@@ -101,8 +101,9 @@ def emulate(q, k, v, g, do, cu, off=(), delta_mode="o", o_override=None):
     return dq
 
 
-def rows_report(name, dq, ref, lp, cu, show=5):
-    """check_rows' rule per row: which rows fail, the worst few (error / allowance)."""
+def rows_report(name, dq, ref, lp, cu, show=5, watch=()):
+    """check_rows' rule per row: which rows fail, the worst few (error / allowance), and the rows in
+    `watch` (flattened indices)."""
     x, r, p = (a.double().reshape(-1, a.shape[-1]) for a in (dq, ref, lp))
     err = (x - r).abs().amax(-1)
     lp_err = (p - r).abs().amax(-1)
@@ -120,7 +121,10 @@ def rows_report(name, dq, ref, lp, cu, show=5):
         worst.append(f"t{t} h{h} pos{t - offs[n]} err {err[i]:.3e} allow {allowed[i]:.3e} ({ratio[i]:.2f})")
     print(f"{name:28s} rows failing {int((ratio > 1).sum()):3d}, max err/allow {ratio.max():.3f}; "
           + "; ".join(worst[:3]))
-    return err, allowed
+    if watch:
+        print(" " * 29 + "watched: " + "; ".join(f"t{i // HQ} h{i % HQ} err {err[i]:.3e} ({ratio[i]:.2f})"
+                                                  for i in watch))
+    return ratio
 
 
 def inputs(device, seed):
@@ -158,21 +162,27 @@ def main():
     q, k, v, g, do_og, cu = (x.cpu() for x in (q, k, v, g, do_og, cu))
     print(f"seed {a.seed} on {a.device}: dQ tensor scale {ref.abs().max():.4f}")
     base = emulate(q, k, v, g, do_og, cu)
-    rows_report("kernel (all roundings)", base, ref, lp, cu)
+    watch = rows_report("kernel (all roundings)", base, ref, lp, cu).argsort(descending=True)[:3].tolist()
+    fix_a = emulate(q, k, v, g, do_og, cu, delta_mode="a")
     if a.kernel:
+        import nsa_module.common
         from nsa_module import sliding_window_attention
-        qs = q.cuda().requires_grad_()
-        sliding_window_attention(qs, k.cuda(), v.cuda(), W, None, cu.cuda(), g.cuda()).backward(do_og.cuda())
-        kq = qs.grad.cpu().double()[0]
-        d = (kq - base).abs().amax(-1)
-        print(f"kernel vs emulation: rows identical {int((d == 0).sum())} of {d.numel()}, max abs diff {d.max():.3e}")
-        rows_report("kernel (measured)", kq[None], ref, lp, cu)
+        for o_fp32, emulated in ((False, base), (True, fix_a)):
+            nsa_module.common.O_FP32 = o_fp32
+            qs = q.cuda().requires_grad_()
+            sliding_window_attention(qs, k.cuda(), v.cuda(), W, None, cu.cuda(), g.cuda()).backward(do_og.cuda())
+            kq = qs.grad.cpu().double()[0]
+            d = (kq - emulated).abs().amax(-1)
+            name = "kernel, O_FP32" if o_fp32 else "kernel"
+            print(f"{name} vs its emulation: rows identical {int((d == 0).sum())} of {d.numel()}, "
+                  f"max abs diff {d.max():.3e}")
+            rows_report(f"{name} (measured)", kq[None], ref, lp, cu, watch=watch)
     if not a.quick:
         for name in ROUNDINGS:
-            rows_report(f"  without {name}", emulate(q, k, v, g, do_og, cu, off=(name,)), ref, lp, cu)
-    for mode, desc in (("a", "fix a: Delta from fp32 O"), ("b", "fix b: Delta = sum P dP"),
-                       ("c", "fix c: bf16 O, k_ref term")):
-        rows_report(desc, emulate(q, k, v, g, do_og, cu, delta_mode=mode), ref, lp, cu)
+            rows_report(f"  without {name}", emulate(q, k, v, g, do_og, cu, off=(name,)), ref, lp, cu, watch=watch)
+    rows_report("fix a: Delta from fp32 O", fix_a, ref, lp, cu, watch=watch)
+    for mode, desc in (("b", "fix b: Delta = sum P dP"), ("c", "fix c: bf16 O, k_ref term")):
+        rows_report(desc, emulate(q, k, v, g, do_og, cu, delta_mode=mode), ref, lp, cu, watch=watch)
 
 
 if __name__ == "__main__":
