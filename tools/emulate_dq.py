@@ -44,14 +44,15 @@ def rnd(x, dtype, on=True):
     return x.to(dtype).to(torch.float64) if on else x
 
 
-def emulate(q, k, v, g, do, cu, off=(), delta_mode="o", o_override=None):
+def emulate(q, k, v, g, do, cu, off=(), delta_mode="o", o_override=None, tokens=None, probe=None):
     """dQ `[T, HQ, K]` (float64 holding the kernel's values) of the sliding kernels on one packed
-    batch; `off`: roundings turned off; delta_mode: "o" (the kernel), "a", "b" or "c" (docstring)."""
+    batch; `off`: roundings turned off; delta_mode: "o" (the kernel), "a", "b" or "c" (docstring);
+    tokens: only these rows (the others stay 0); probe: a dict that gets each token's intermediates."""
     on = {name: name not in off for name in ROUNDINGS}
     bf, f32 = torch.bfloat16, torch.float32
     scale = KD ** -0.5
     sc = scale * LOG2E
-    q, k, v, g, do = (x[0].double() for x in (q, k, v, g, do))  # [T, HQ|H, D]
+    q, k, v, g, do = (x[0].double() for x in (q, k, v, g, do))  # noqa: E501  # [T, HQ|H, D]
     T, HQ = q.shape[:2]
     offs = cu.tolist()
     seq_of = torch.zeros(T, dtype=torch.long)
@@ -59,7 +60,7 @@ def emulate(q, k, v, g, do, cu, off=(), delta_mode="o", o_override=None):
         seq_of[s:e] = i
     head_kv = torch.arange(HQ) // G
     dq = torch.zeros(T, HQ, KD, dtype=torch.float64)
-    for t in range(T):
+    for t in range(T) if tokens is None else tokens:
         n = int(seq_of[t])
         s0 = offs[n]
         pos = t - s0
@@ -98,6 +99,8 @@ def emulate(q, k, v, g, do, cu, off=(), delta_mode="o", o_override=None):
             ref_key = s.argmax(1)
             acc = acc - ds.sum(1)[:, None] * kk[ref_key, torch.arange(HQ)]
         dq[t] = rnd(rnd(acc * scale, f32), bf, on["dq_bf16"])
+        if probe is not None:
+            probe[t] = dict(P=P, o=o, o32=o32, delta=delta, consistent=(P * gt * dp).sum(1), ds=ds, kk=kk)
     return dq
 
 
