@@ -35,6 +35,9 @@ W_CAP = 1 << 30
 # residual can exceed the per-row allowance (docs/perf-notes.md; tools/emulate_dq.py). Costs 2 more
 # bytes per O element (memory, and one write + one read). Off by default: the default kernels'
 # generated code is unchanged.
+# DELTA_PASS (delta_pass=True in banded_bwd_dq): Delta = Gate·Σ_j P_j dP_j from a first pass over
+# the row's key tiles, exactly consistent with the P of dS (O_FP32 still leaves the forward's bf16 P
+# inside O). Costs the dQ kernel's Q·Kᵀ and dO·Vᵀ and its K/V reads a second time; no memory.
 
 
 def pick_config(G: int, K: int, V: int, rows: int = 64, BN: int = 64, num_stages: int = 1) -> dict:
@@ -204,11 +207,14 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
-                  BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1, o_dtype: str = ""):
+                  BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1, o_dtype: str = "",
+                  delta_pass: bool = False):
     """Kernel(Q, K, V, O, dOG, Gate, LSE, QOffsets, QSeq, KOffsets, dQ, Delta, dGate).
 
     As the selected dQ kernel: dGate = rowsum(dOG ∘ O), Delta = Gate·dGate, then per key tile
     dS = P ∘ (Gate·(dOG·Vᵀ) - Delta) and dQ = scale · dS·K. O in o_dtype (banded_fwd's).
+    delta_pass (DELTA_PASS below): Delta = Gate·Σ_j P_j (dOG·v_j) instead, from a first pass over the
+    row's key tiles with the same P as dS (dGate stays rowsum(dOG ∘ O)).
     """
     B, Tq, Tk, N1 = T.dynamic("B, Tq, Tk, N1")
     od = o_dtype or dtype
@@ -253,6 +259,9 @@ def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtyp
             acc_dq = T.alloc_fragment([M, K], acc)
             do_o = T.alloc_fragment([M, V], acc)
             dgate = T.alloc_fragment([M], acc)
+            p_dp = T.alloc_fragment([M], acc) if delta_pass else None
+            p_dp_sum = T.alloc_fragment([M], acc) if delta_pass else None
+            p_dp_s = T.alloc_shared([M], acc) if delta_pass else None
 
             i_b = i_bh // H
             i_h = i_bh % H
@@ -271,8 +280,27 @@ def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtyp
                 do_o[i, d] = T.cast(dO_s[i, d], acc) * T.cast(O_s[i, d], acc)
             T.reduce_sum(do_o, dgate, dim=1)
             T.copy(dgate, dgate_s)
-            for rr in T.Parallel(M):
-                delta_s[rr] = dgate_s[rr] * gate_s[rr]
+            if delta_pass:
+                T.clear(p_dp_sum)
+                for it in T.Pipelined(n_tiles[0], num_stages=1):
+                    kt = lo[0] + it * BN
+                    T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
+                    T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
+                    band_mask(acc_s, kt, tpos_s, kbos_s, M, BN, W, KS, KC)
+                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.clear(acc_dp)
+                    T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    for i, j in T.Parallel(M, BN):
+                        acc_s[i, j] = T.exp2(acc_s[i, j] * sc - lse_s[i]) * acc_dp[i, j]
+                    T.reduce_sum(acc_s, p_dp, dim=1)
+                    for i in T.Parallel(M):
+                        p_dp_sum[i] = p_dp_sum[i] + p_dp[i]
+                T.copy(p_dp_sum, p_dp_s)
+                for rr in T.Parallel(M):
+                    delta_s[rr] = p_dp_s[rr] * gate_s[rr]
+            else:
+                for rr in T.Parallel(M):
+                    delta_s[rr] = dgate_s[rr] * gate_s[rr]
             for rr in T.Parallel(M):
                 if tpos_s[rr] >= 0:
                     dGate[i_b, t0 + rr // G, i_h * G + rr % G] = dgate_s[rr]

@@ -10,6 +10,7 @@ import torch
 from kernels import banded as K_band
 from kernels.common import tl_dtype
 
+from . import common
 from .common import SeqInfo, empty, o_dtype_arg, sm_count, split_arg, stored_o_dtype
 
 
@@ -43,7 +44,9 @@ def banded_bwd(q, k, v, gate, o, lse, dog, W: int, KS: int, KC: int, scale: floa
     dv = empty(*v.shape, dtype=v.dtype, device=v.device)
     if k.shape[1] == 0:
         return dq.zero_(), dk, dv, (dog.float() * o.float()).sum(-1)
-    K_band.banded_bwd_dq(H, G, Kd, V, W, KS, KC, dtype, scale, **K_band.pick_config(G, Kd, V), **o_dtype_arg(o, q))(
+    pass_arg = dict(delta_pass=True) if common.DELTA_PASS else {}
+    K_band.banded_bwd_dq(H, G, Kd, V, W, KS, KC, dtype, scale, **K_band.pick_config(G, Kd, V), **o_dtype_arg(o, q),
+                         **pass_arg)(
         q, k, v, o, dog, gate, lse, qseq.offsets, qseq.tok_seq, kseq.offsets, dq, delta, dgate)
     cfg = K_band.pick_dkv_config(G, Kd, V)
     args = (q, k, v, dog, gate, lse, delta, qseq.offsets, qseq.tok_seq, kseq.offsets, kseq.tok_seq)

@@ -22,6 +22,10 @@ POISON_OUTPUTS = False
 # kernel's Delta then matches its P exactly; 2 more bytes per O element). Off by default; tests switch
 # it on, or NSA_O_FP32=1 at import.
 O_FP32 = os.environ.get("NSA_O_FP32") == "1"
+# The banded dQ kernel takes Delta = gate·Σ_j P_j dP_j from a first pass over its key tiles instead of
+# from O (kernels/banded.py DELTA_PASS: exactly consistent with its P; Q·Kᵀ and dO·Vᵀ twice). Off by
+# default; read at backward time; NSA_DELTA_PASS=1 at import.
+DELTA_PASS = os.environ.get("NSA_DELTA_PASS") == "1"
 
 
 def stored_o_dtype(q: torch.Tensor) -> torch.dtype:

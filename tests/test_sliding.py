@@ -82,6 +82,16 @@ def test_sliding_fp32_o_matches_reference(case, compiled_grid, poison_outputs, m
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", [GRID[1], GRID[2], GRID[7]], ids=[grid_id(c) for c in (GRID[1], GRID[2], GRID[7])])
+def test_sliding_delta_pass_matches_reference(case, compiled_grid, poison_outputs, monkeypatch):
+    """The same with Delta from a first pass over the key tiles (kernels/banded.py DELTA_PASS),
+    exactly consistent with the dQ kernel's P; with W = 1 (one key: dS = 0) and W >= T too."""
+    import nsa_module.common
+    monkeypatch.setattr(nsa_module.common, "DELTA_PASS", True)
+    test_sliding_matches_reference(case, compiled_grid, poison_outputs)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", [(16, 2, 192, 128, 64, 16, 512, torch.bfloat16, True, 900),
                                   (4, 2, 64, 64, 32, 4, 7, torch.float16, False, 333)],
                          ids=["paper-dims-W512-varlen", "G4-W7"])
@@ -129,6 +139,15 @@ def test_compile_sliding_fp32_o(sm90_target):
     for kern in (fwd, dq):
         src = kern.get_kernel_source()
         assert "__global__" in src and "float* __restrict__ O" in src
+
+
+@pytest.mark.compile
+def test_compile_sliding_delta_pass(sm90_target):
+    """The dQ kernel with Delta from a first pass (DELTA_PASS) builds."""
+    H, G, K, V, W, dtype = FAMILIES[0]
+    cfg = K_band.pick_config(G, K, V)
+    kern = K_band.banded_bwd_dq(H, G, K, V, W, 1, 0, dtype, K ** -0.5, **cfg, delta_pass=True)
+    assert "__global__" in kern.get_kernel_source()
 
 
 def _cpu(**over):

@@ -20,7 +20,7 @@ Each rounding can be turned off (float64 there instead), and Delta can come from
 On the CPU the inputs are the failing test's shapes and sequences (G16-H2-K128V128-W512-bfloat16-
 varlen-T1000) from CPU generators (CUDA's give other numbers); --device cuda generates them exactly as
 the test does (dO from run_both's CUDA generator), and --kernel also runs the kernel there and
-reports how far its dQ is from the emulation, row by row, as written and with O_FP32 (fix a).
+reports how far its dQ is from the emulation, row by row, as written, with O_FP32 (fix a) and with DELTA_PASS (fix b).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def emulate(q, k, v, g, do, cu, off=(), delta_mode="o", o_override=None, tokens=
         if delta_mode == "a":
             delta = g[t] * (do[t] * o32).sum(1)
         elif delta_mode == "b":
-            delta = (P * gt * dp).sum(1)
+            delta = g[t] * (P * dp).sum(1)
         else:
             delta = g[t] * (do[t] * o).sum(1)
         delta = rnd(delta, f32, on["ds_fp32"])
@@ -167,16 +167,17 @@ def main():
     base = emulate(q, k, v, g, do_og, cu)
     watch = rows_report("kernel (all roundings)", base, ref, lp, cu).argsort(descending=True)[:3].tolist()
     fix_a = emulate(q, k, v, g, do_og, cu, delta_mode="a")
+    fix_b = emulate(q, k, v, g, do_og, cu, delta_mode="b")
     if a.kernel:
         import nsa_module.common
         from nsa_module import sliding_window_attention
-        for o_fp32, emulated in ((False, base), (True, fix_a)):
-            nsa_module.common.O_FP32 = o_fp32
+        for name, o_fp32, delta_pass, emulated in (("kernel", False, False, base), ("kernel, O_FP32", True, False, fix_a),
+                                                   ("kernel, DELTA_PASS", False, True, fix_b)):
+            nsa_module.common.O_FP32, nsa_module.common.DELTA_PASS = o_fp32, delta_pass
             qs = q.cuda().requires_grad_()
             sliding_window_attention(qs, k.cuda(), v.cuda(), W, None, cu.cuda(), g.cuda()).backward(do_og.cuda())
             kq = qs.grad.cpu().double()[0]
             d = (kq - emulated).abs().amax(-1)
-            name = "kernel, O_FP32" if o_fp32 else "kernel"
             print(f"{name} vs its emulation: rows identical {int((d == 0).sum())} of {d.numel()}, "
                   f"max abs diff {d.max():.3e}")
             rows_report(f"{name} (measured)", kq[None], ref, lp, cu, watch=watch)
@@ -184,8 +185,8 @@ def main():
         for name in ROUNDINGS:
             rows_report(f"  without {name}", emulate(q, k, v, g, do_og, cu, off=(name,)), ref, lp, cu, watch=watch)
     rows_report("fix a: Delta from fp32 O", fix_a, ref, lp, cu, watch=watch)
-    for mode, desc in (("b", "fix b: Delta = sum P dP"), ("c", "fix c: bf16 O, k_ref term")):
-        rows_report(desc, emulate(q, k, v, g, do_og, cu, delta_mode=mode), ref, lp, cu, watch=watch)
+    rows_report("fix b: Delta = sum P dP", fix_b, ref, lp, cu, watch=watch)
+    rows_report("fix c: bf16 O, k_ref term", emulate(q, k, v, g, do_og, cu, delta_mode="c"), ref, lp, cu, watch=watch)
 
 
 if __name__ == "__main__":
