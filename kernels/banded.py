@@ -22,11 +22,23 @@ program owns the rows it writes: no atomics.
 import tilelang
 import tilelang.language as T
 
-from .common import (LOG2E, PASS_CONFIGS, normalized, online_softmax_step, pad16, pipelined, rescale_rows, row_lse,
-                     softmax_init, softmax_scores_step)
+from .common import (LOG2E, PASS_CONFIGS, in_dtype, normalized, online_softmax_step, pad16, pipelined, rescale_rows,
+                     row_lse, softmax_init, softmax_scores_step)
 
 # A window this long covers any sequence the int32 kernels index; it also means "no window".
 W_CAP = 1 << 30
+
+# O_FP32 (o_dtype="float32" in banded_fwd and banded_bwd_dq, and in selected.py's): the forward
+# stores the O the backward reads in fp32 instead of bf16/fp16. The dQ kernel's Delta = rowsum(dO ∘ O)
+# then matches the P it recomputes: Σ_j dS_j = Σ_j P_j (dP_j - Delta) is 0 up to fp32 rounding. From
+# a bf16 O it is off by about |dO|·|O|·2^-9, which dQ carries as that residual times the row's
+# P-weighted key; where one key dominates a row, its true dQ (∝ the other keys' P) is small and the
+# residual can exceed the per-row allowance (docs/perf-notes.md; tools/emulate_dq.py). Costs 2 more
+# bytes per O element (memory, and one write + one read). Off by default: the default kernels'
+# generated code is unchanged.
+# DELTA_PASS (delta_pass=True in banded_bwd_dq): Delta = Gate·Σ_j P_j dP_j from a first pass over
+# the row's key tiles, exactly consistent with the P of dS (O_FP32 still leaves the forward's bf16 P
+# inside O). Costs the dQ kernel's Q·Kᵀ and dO·Vᵀ and its K/V reads a second time; no memory.
 
 
 def pick_config(G: int, K: int, V: int, rows: int = 64, BN: int = 64, num_stages: int = 1,
@@ -179,10 +191,14 @@ def banded_overlap_loop(Kt, Vt, Q_s, K_s, V_s, bar_k, bar_v, acc_s, acc_s_cast, 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
                BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1,
-               overlap: bool = False):
+               overlap: bool = False, o_dtype: str = ""):
     """Kernel(Q, K, V, Gate, QOffsets, QSeq, KOffsets, O, OG, LSE): O, OG = Gate·O and LSE.
-    overlap: the key loop of banded_overlap_loop (pick_config) instead of TileLang's pipeline."""
+
+    overlap: the key loop of banded_overlap_loop (pick_config) instead of TileLang's pipeline.
+    O, which only the backward reads, is stored in o_dtype ("" = dtype; "float32": O_FP32 below);
+    OG is the bf16/fp16 O times the gate either way."""
     B, Tq, Tk, N1 = T.dynamic("B, Tq, Tk, N1")
+    od = o_dtype or dtype
     HQ = H * G
     sc = scale * LOG2E
     acc = "float32"
@@ -196,7 +212,7 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
         QOffsets: T.Tensor([N1], "int32"),
         QSeq: T.Tensor([Tq], "int32"),
         KOffsets: T.Tensor([N1], "int32"),
-        O: T.Tensor([B, Tq, HQ, V], dtype),
+        O: T.Tensor([B, Tq, HQ, V], od),
         OG: T.Tensor([B, Tq, HQ, V], dtype),
         LSE: T.Tensor([B, Tq, HQ], acc),
     ):
@@ -204,7 +220,7 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
             Q_s = T.alloc_shared([M, K], dtype)
             K_s = T.alloc_shared([2, BN, K] if overlap else [BN, K], dtype)
             V_s = T.alloc_shared([2, BN, V] if overlap else [BN, V], dtype)
-            O_s = T.alloc_shared([M, V], dtype)
+            O_s = T.alloc_shared([M, V], od)
             lse_s = T.alloc_shared([M], acc)
             tpos_s = T.alloc_shared([M], "int32")
             kbos_s = T.alloc_shared([M], "int32")
@@ -257,7 +273,8 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
             for rr, d in T.Parallel(M, V):
                 if tpos_s[rr] >= 0:
                     O[i_b, t0 + rr // G, i_h * G + rr % G, d] = O_s[rr, d]
-                    OG[i_b, t0 + rr // G, i_h * G + rr % G, d] = O_s[rr, d] * Gate[i_b, t0 + rr // G, i_h * G + rr % G]
+                    OG[i_b, t0 + rr // G, i_h * G + rr % G, d] = in_dtype(O_s[rr, d], dtype) * Gate[
+                        i_b, t0 + rr // G, i_h * G + rr % G]
             for rr in T.Parallel(M):
                 if tpos_s[rr] >= 0:
                     LSE[i_b, t0 + rr // G, i_h * G + rr % G] = lse_s[rr]
@@ -267,13 +284,17 @@ def banded_fwd(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
-                  BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1):
+                  BM: int = 4, M: int = 64, BN: int = 64, threads: int = 128, num_stages: int = 1, o_dtype: str = "",
+                  delta_pass: bool = False):
     """Kernel(Q, K, V, O, dOG, Gate, LSE, QOffsets, QSeq, KOffsets, dQ, Delta, dGate).
 
     As the selected dQ kernel: dGate = rowsum(dOG ∘ O), Delta = Gate·dGate, then per key tile
-    dS = P ∘ (Gate·(dOG·Vᵀ) - Delta) and dQ = scale · dS·K.
+    dS = P ∘ (Gate·(dOG·Vᵀ) - Delta) and dQ = scale · dS·K. O in o_dtype (banded_fwd's).
+    delta_pass (DELTA_PASS below): Delta = Gate·Σ_j P_j (dOG·v_j) instead, from a first pass over the
+    row's key tiles with the same P as dS (dGate stays rowsum(dOG ∘ O)).
     """
     B, Tq, Tk, N1 = T.dynamic("B, Tq, Tk, N1")
+    od = o_dtype or dtype
     HQ = H * G
     sc = scale * LOG2E
     acc = "float32"
@@ -283,7 +304,7 @@ def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtyp
         Q: T.Tensor([B, Tq, HQ, K], dtype),
         Kt: T.Tensor([B, Tk, H, K], dtype),
         Vt: T.Tensor([B, Tk, H, V], dtype),
-        O: T.Tensor([B, Tq, HQ, V], dtype),
+        O: T.Tensor([B, Tq, HQ, V], od),
         dO: T.Tensor([B, Tq, HQ, V], dtype),
         Gate: T.Tensor([B, Tq, HQ], dtype),
         LSE: T.Tensor([B, Tq, HQ], acc),
@@ -297,7 +318,7 @@ def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtyp
         with T.Kernel(T.ceildiv(Tq, BM), B * H, threads=threads) as (i_m, i_bh):
             Q_s = T.alloc_shared([M, K], dtype)
             dO_s = T.alloc_shared([M, V], dtype)
-            O_s = T.alloc_shared([M, V], dtype)
+            O_s = T.alloc_shared([M, V], od)
             K_s = T.alloc_shared([BN, K], dtype)
             V_s = T.alloc_shared([BN, V], dtype)
             dQ_s = T.alloc_shared([M, K], dtype)
@@ -315,6 +336,9 @@ def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtyp
             acc_dq = T.alloc_fragment([M, K], acc)
             do_o = T.alloc_fragment([M, V], acc)
             dgate = T.alloc_fragment([M], acc)
+            p_dp = T.alloc_fragment([M], acc) if delta_pass else None
+            p_dp_sum = T.alloc_fragment([M], acc) if delta_pass else None
+            p_dp_s = T.alloc_shared([M], acc) if delta_pass else None
 
             i_b = i_bh // H
             i_h = i_bh % H
@@ -333,8 +357,27 @@ def banded_bwd_dq(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtyp
                 do_o[i, d] = T.cast(dO_s[i, d], acc) * T.cast(O_s[i, d], acc)
             T.reduce_sum(do_o, dgate, dim=1)
             T.copy(dgate, dgate_s)
-            for rr in T.Parallel(M):
-                delta_s[rr] = dgate_s[rr] * gate_s[rr]
+            if delta_pass:
+                T.clear(p_dp_sum)
+                for it in T.Pipelined(n_tiles[0], num_stages=1):
+                    kt = lo[0] + it * BN
+                    T.copy(Kt[i_b, kt:kt + BN, i_h, :], K_s)
+                    T.copy(Vt[i_b, kt:kt + BN, i_h, :], V_s)
+                    band_mask(acc_s, kt, tpos_s, kbos_s, M, BN, W, KS, KC)
+                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.clear(acc_dp)
+                    T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    for i, j in T.Parallel(M, BN):
+                        acc_s[i, j] = T.exp2(acc_s[i, j] * sc - lse_s[i]) * acc_dp[i, j]
+                    T.reduce_sum(acc_s, p_dp, dim=1)
+                    for i in T.Parallel(M):
+                        p_dp_sum[i] = p_dp_sum[i] + p_dp[i]
+                T.copy(p_dp_sum, p_dp_s)
+                for rr in T.Parallel(M):
+                    delta_s[rr] = p_dp_s[rr] * gate_s[rr]
+            else:
+                for rr in T.Parallel(M):
+                    delta_s[rr] = dgate_s[rr] * gate_s[rr]
             for rr in T.Parallel(M):
                 if tpos_s[rr] >= 0:
                     dGate[i_b, t0 + rr // G, i_h * G + rr % G] = dgate_s[rr]
@@ -582,15 +625,17 @@ def splits_query_range(W: int) -> bool:
     return W >= W_CAP
 
 
-def banded_kernels(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float):
+def banded_kernels(H: int, G: int, K: int, V: int, W: int, KS: int, KC: int, dtype: str, scale: float,
+                   o_dtype: str = ""):
     """The three kernels one shape family needs (forward, dQ, dK/dV), compiled or taken from the cache."""
     cfg = pick_config(G, K, V)
     dkv = banded_bwd_dkv_split if splits_query_range(W) else banded_bwd_dkv
-    return (banded_fwd(H, G, K, V, W, KS, KC, dtype, scale, **cfg),
-            banded_bwd_dq(H, G, K, V, W, KS, KC, dtype, scale, **pick_dq_config(G, K, V)),
+    extra = dict(o_dtype=o_dtype) if o_dtype else {}
+    return (banded_fwd(H, G, K, V, W, KS, KC, dtype, scale, **cfg, **extra),
+            banded_bwd_dq(H, G, K, V, W, KS, KC, dtype, scale, **pick_dq_config(G, K, V), **extra),
             dkv(H, G, K, V, W, KS, KC, dtype, scale, **pick_dkv_config(G, K, V)))
 
 
-def sliding_kernels(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float):
+def sliding_kernels(H: int, G: int, K: int, V: int, W: int, dtype: str, scale: float, o_dtype: str = ""):
     """The sliding window's kernels: keys are the tokens (KS = 1, KC = 0)."""
-    return banded_kernels(H, G, K, V, min(W, W_CAP), 1, 0, dtype, scale)
+    return banded_kernels(H, G, K, V, min(W, W_CAP), 1, 0, dtype, scale, o_dtype)

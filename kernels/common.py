@@ -46,6 +46,11 @@ def softmax_init(acc_o, m, l):
     T.fill(m, -T.infinity("float32"))
 
 
+def in_dtype(x, dtype: str):
+    """x as dtype: itself when it already is (so a kernel's default expressions stay as they were)."""
+    return x if x.dtype == dtype else T.cast(x, dtype)
+
+
 def normalized(o, l):
     """An output element o of a row with softmax sum l, normalized: 0 for a row that saw nothing."""
     return T.if_then_else(l > 0, o / l, 0)

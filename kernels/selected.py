@@ -21,7 +21,7 @@ tokens that selected the block, BQ of them per step. No atomics; deterministic.
 import tilelang
 import tilelang.language as T
 
-from .common import LOG2E, PASS_CONFIGS, normalized, online_softmax_step, pad16, row_lse, softmax_init
+from .common import LOG2E, PASS_CONFIGS, in_dtype, normalized, online_softmax_step, pad16, row_lse, softmax_init
 
 
 @T.macro
@@ -75,10 +75,12 @@ def pick_config(G: int, K: int, V: int, BS: int) -> dict:
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, scale: float,
-                 BN: int = 64, threads: int = 128, num_stages: int = 1):
+                 BN: int = 64, threads: int = 128, num_stages: int = 1, o_dtype: str = ""):
     """Kernel(Q, K, V, Gate, BlockIdx, BlockCnt, Offsets, TokSeq, O, OG, LSE): writes the branch
-    output O (kept for the backward), the gated output OG = Gate·O and LSE."""
+    output O (kept for the backward) in o_dtype ("" = dtype; "float32": kernels/banded.py O_FP32),
+    the gated output OG = Gate·O (from O in dtype) and LSE."""
     B, Tn, N1 = T.dynamic("B, T, N1")
+    od = o_dtype or dtype
     HQ = H * G
     GP = pad16(G)
     NSUB = BS // BN
@@ -95,7 +97,7 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
         BlockCnt: T.Tensor([B, Tn, H], "int32"),
         Offsets: T.Tensor([N1], "int32"),
         TokSeq: T.Tensor([Tn], "int32"),
-        O: T.Tensor([B, Tn, HQ, V], dtype),
+        O: T.Tensor([B, Tn, HQ, V], od),
         OG: T.Tensor([B, Tn, HQ, V], dtype),
         LSE: T.Tensor([B, Tn, HQ], acc),
     ):
@@ -104,7 +106,7 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
             K_s = T.alloc_shared([BN, K], dtype)
             V_s = T.alloc_shared([BN, V], dtype)
             P_s = T.alloc_shared([GP, BN], dtype)
-            O_s = T.alloc_shared([GP, V], dtype)
+            O_s = T.alloc_shared([GP, V], od)
             lse_s = T.alloc_shared([GP], acc)
             tiles = T.alloc_shared([S * NSUB], "int32")
             n_tiles = T.alloc_local([1], "int32")
@@ -145,7 +147,7 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
             T.copy(acc_o, O_s)
             for g, d in T.Parallel(G, V):
                 O[i_b, i_t, i_h * G + g, d] = O_s[g, d]
-                OG[i_b, i_t, i_h * G + g, d] = O_s[g, d] * Gate[i_b, i_t, i_h * G + g]
+                OG[i_b, i_t, i_h * G + g, d] = in_dtype(O_s[g, d], dtype) * Gate[i_b, i_t, i_h * G + g]
             # empty rows get LSE = +inf: the backward's exp2(s - LSE) is then 0, never NaN
             for i in T.Parallel(GP):
                 l_blk[i] = row_lse(l[i], m[i], sc, T.infinity(acc))
@@ -158,16 +160,17 @@ def selected_fwd(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, sc
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, scale: float,
-                    BN: int = 64, threads: int = 128, num_stages: int = 1):
+                    BN: int = 64, threads: int = 128, num_stages: int = 1, o_dtype: str = ""):
     """Kernel(Q, K, V, O, dOG, Gate, LSE, BlockIdx, BlockCnt, Offsets, TokSeq, dQ, Delta, dGate).
 
     dOG is the gradient of the gated output OG = Gate·O. Per row: dGate = rowsum(dOG ∘ O), and the
     branch's own gradient dO = Gate·dOG gives Delta = rowsum(dO ∘ O) = Gate·dGate (saved for the
     dK/dV kernel). Then, query-centric like the forward, per selected tile:
     P = exp2(s·sc - LSE), dS = P ∘ (Gate·(dOG·Vᵀ) - Delta), dQ = scale · dS·K.
-    Slots are skipped by the forward's rule.
+    Slots are skipped by the forward's rule. O in o_dtype (selected_fwd's).
     """
     B, Tn, N1 = T.dynamic("B, T, N1")
+    od = o_dtype or dtype
     HQ = H * G
     GP = pad16(G)
     NSUB = BS // BN
@@ -179,7 +182,7 @@ def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str,
         Q: T.Tensor([B, Tn, HQ, K], dtype),
         Kt: T.Tensor([B, Tn, H, K], dtype),
         Vt: T.Tensor([B, Tn, H, V], dtype),
-        O: T.Tensor([B, Tn, HQ, V], dtype),
+        O: T.Tensor([B, Tn, HQ, V], od),
         dO: T.Tensor([B, Tn, HQ, V], dtype),
         Gate: T.Tensor([B, Tn, HQ], dtype),
         LSE: T.Tensor([B, Tn, HQ], acc),
@@ -194,7 +197,7 @@ def selected_bwd_dq(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str,
         with T.Kernel(Tn, B * H, threads=threads) as (i_t, i_bh):
             Q_s = T.alloc_shared([GP, K], dtype)
             dO_s = T.alloc_shared([GP, V], dtype)
-            O_s = T.alloc_shared([GP, V], dtype)
+            O_s = T.alloc_shared([GP, V], od)
             K_s = T.alloc_shared([BN, K], dtype)
             V_s = T.alloc_shared([BN, V], dtype)
             dS_s = T.alloc_shared([GP, BN], dtype)
@@ -404,11 +407,13 @@ def selected_bwd_dkv(H: int, G: int, K: int, V: int, BS: int, dtype: str, scale:
     return main
 
 
-def selected_kernels(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, scale: float):
+def selected_kernels(H: int, G: int, K: int, V: int, S: int, BS: int, dtype: str, scale: float,
+                     o_dtype: str = ""):
     """The three kernels one shape family needs (forward, dQ, dK/dV), compiled or taken from the cache."""
     cfg = pick_config(G, K, V, BS)
+    extra = dict(o_dtype=o_dtype) if o_dtype else {}
     return (
-        selected_fwd(H, G, K, V, S, BS, dtype, scale, **cfg),
-        selected_bwd_dq(H, G, K, V, S, BS, dtype, scale, **cfg),
+        selected_fwd(H, G, K, V, S, BS, dtype, scale, **cfg, **extra),
+        selected_bwd_dq(H, G, K, V, S, BS, dtype, scale, **cfg, **extra),
         selected_bwd_dkv(H, G, K, V, BS, dtype, scale, **pick_dkv_config(G, K, V, BS)),
     )

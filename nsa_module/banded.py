@@ -10,7 +10,8 @@ import torch
 from kernels import banded as K_band
 from kernels.common import tl_dtype
 
-from .common import SeqInfo, empty, sm_count, split_arg
+from . import common
+from .common import SeqInfo, empty, o_dtype_arg, sm_count, split_arg, stored_o_dtype
 
 
 def banded_fwd(q, k, v, gate, W: int, KS: int, KC: int, scale: float, qseq: SeqInfo, kseq: SeqInfo):
@@ -19,12 +20,13 @@ def banded_fwd(q, k, v, gate, W: int, KS: int, KC: int, scale: float, qseq: SeqI
     B, Tq, HQ, Kd = q.shape
     H, V = k.shape[2], v.shape[-1]
     G = HQ // H
-    o = empty(B, Tq, HQ, V, dtype=q.dtype, device=q.device)
+    o = empty(B, Tq, HQ, V, dtype=stored_o_dtype(q), device=q.device)
     og = empty(B, Tq, HQ, V, dtype=q.dtype, device=q.device)
     lse = empty(B, Tq, HQ, dtype=torch.float32, device=q.device)
     if k.shape[1] == 0:  # no key anywhere (every sequence shorter than one compressed block)
         return o.zero_(), og.zero_(), lse.fill_(float("inf"))
-    K_band.banded_fwd(H, G, Kd, V, W, KS, KC, tl_dtype(q.dtype), scale, **K_band.pick_config(G, Kd, V))(
+    K_band.banded_fwd(H, G, Kd, V, W, KS, KC, tl_dtype(q.dtype), scale, **K_band.pick_config(G, Kd, V),
+                      **o_dtype_arg(o, q))(
         q, k, v, gate, qseq.offsets, qseq.tok_seq, kseq.offsets, o, og, lse)
     return o, og, lse
 
@@ -42,7 +44,9 @@ def banded_bwd(q, k, v, gate, o, lse, dog, W: int, KS: int, KC: int, scale: floa
     dv = empty(*v.shape, dtype=v.dtype, device=v.device)
     if k.shape[1] == 0:
         return dq.zero_(), dk, dv, (dog.float() * o.float()).sum(-1)
-    K_band.banded_bwd_dq(H, G, Kd, V, W, KS, KC, dtype, scale, **K_band.pick_dq_config(G, Kd, V))(
+    pass_arg = dict(delta_pass=True) if common.DELTA_PASS else {}
+    K_band.banded_bwd_dq(H, G, Kd, V, W, KS, KC, dtype, scale, **K_band.pick_dq_config(G, Kd, V), **o_dtype_arg(o, q),
+                         **pass_arg)(
         q, k, v, o, dog, gate, lse, qseq.offsets, qseq.tok_seq, kseq.offsets, dq, delta, dgate)
     cfg = K_band.pick_dkv_config(G, Kd, V)
     args = (q, k, v, dog, gate, lse, delta, qseq.offsets, qseq.tok_seq, kseq.offsets, kseq.tok_seq)

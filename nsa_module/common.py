@@ -1,6 +1,7 @@
 """Host-side pieces the ops share: kernel-specific argument checks, sequence metadata, allocation."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -15,6 +16,26 @@ INT32_MAX = 2 ** 31 - 1
 # Set by tests: every output a kernel writes is first filled with NaN, so an element the kernel
 # forgets shows up as NaN instead of as stale memory that happens to look right.
 POISON_OUTPUTS = False
+
+
+# The forward kernels store the O the backward reads in fp32 (kernels/banded.py O_FP32: the dQ
+# kernel's Delta then matches its P exactly; 2 more bytes per O element). Off by default; tests switch
+# it on, or NSA_O_FP32=1 at import.
+O_FP32 = os.environ.get("NSA_O_FP32") == "1"
+# The banded dQ kernel takes Delta = gate·Σ_j P_j dP_j from a first pass over its key tiles instead of
+# from O (kernels/banded.py DELTA_PASS: exactly consistent with its P; Q·Kᵀ and dO·Vᵀ twice). Off by
+# default; read at backward time; NSA_DELTA_PASS=1 at import.
+DELTA_PASS = os.environ.get("NSA_DELTA_PASS") == "1"
+
+
+def stored_o_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype of the O a forward kernel stores for the backward."""
+    return torch.float32 if O_FP32 else q.dtype
+
+
+def o_dtype_arg(o: torch.Tensor, q: torch.Tensor) -> dict:
+    """The kernels' o_dtype argument for a stored O (none for q's own dtype: the default kernels)."""
+    return {} if o.dtype == q.dtype else dict(o_dtype="float32")
 
 
 def empty(*shape, dtype, device) -> torch.Tensor:

@@ -33,7 +33,8 @@ from reference import num_compressed
 
 from .banded import banded_bwd as launch_banded_bwd
 from .banded import banded_fwd as launch_banded_fwd
-from .common import SeqInfo, compressed_layout, device_tensor, kernel_gate, kernel_ready, prepare_block_indices
+from .common import (SeqInfo, compressed_layout, device_tensor, kernel_gate, kernel_ready, prepare_block_indices,
+                     stored_o_dtype)
 from .decode import nsa_decode
 from .selected import selected_bwd as launch_selected_bwd
 from .selected import selected_fwd as launch_selected_fwd
@@ -148,8 +149,8 @@ def banded_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], cu_seqle
 
 @banded_fwd.register_fake
 def _(q, k, v, gate, cu_seqlens, W, KS, KC, scale):
-    o = q.new_empty(*q.shape[:3], v.shape[-1])
-    return o, torch.empty_like(o), q.new_empty(q.shape[:3], dtype=torch.float32)
+    og = q.new_empty(*q.shape[:3], v.shape[-1])
+    return og.new_empty(og.shape, dtype=stored_o_dtype(q)), og, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @banded_fwd.register_kernel("cpu")
@@ -237,8 +238,8 @@ def selected_fwd(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], block_
 
 @selected_fwd.register_fake
 def _(q, k, v, gate, block_indices, block_counts, cu_seqlens, block_size, scale):
-    o = q.new_empty(*q.shape[:3], v.shape[-1])
-    return o, torch.empty_like(o), q.new_empty(q.shape[:3], dtype=torch.float32)
+    og = q.new_empty(*q.shape[:3], v.shape[-1])
+    return og.new_empty(og.shape, dtype=stored_o_dtype(q)), og, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @selected_fwd.register_kernel("cpu")

@@ -28,7 +28,9 @@ from .common import (
     device_tensor,
     empty,
     host_cu_seqlens,
+    o_dtype_arg,
     resolve_scale,
+    stored_o_dtype,
 )
 from reference.checks import check_block_counts, check_block_indices, check_gate
 
@@ -39,9 +41,9 @@ def selected_fwd(q, k, v, gate, idx, cnt, block_size: int, scale: float, seq: Se
     B, T, HQ, Kd = q.shape
     H, V = k.shape[2], v.shape[-1]
     G, S = HQ // H, idx.shape[-1]
+    o = empty(B, T, HQ, V, dtype=stored_o_dtype(q), device=q.device)
     kernel = K_sel.selected_fwd(H, G, Kd, V, S, block_size, tl_dtype(q.dtype), scale,
-                                **K_sel.pick_config(G, Kd, V, block_size))
-    o = empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
+                                **K_sel.pick_config(G, Kd, V, block_size), **o_dtype_arg(o, q))
     og = empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
     lse = empty(B, T, HQ, dtype=torch.float32, device=q.device)
     kernel(q, k, v, gate, idx, cnt, seq.offsets, seq.tok_seq, o, og, lse)
@@ -105,7 +107,8 @@ def selected_bwd(q, k, v, gate, o, lse, dog, idx, cnt, block_size: int, scale: f
     dq = empty(B, T, HQ, Kd, dtype=q.dtype, device=q.device)
     delta = empty(B, T, HQ, dtype=torch.float32, device=q.device)  # rowsum(dO ∘ O), for dK/dV
     dgate = empty(B, T, HQ, dtype=torch.float32, device=q.device)
-    K_sel.selected_bwd_dq(H, G, Kd, V, S, block_size, dtype, scale, **K_sel.pick_config(G, Kd, V, block_size))(
+    K_sel.selected_bwd_dq(H, G, Kd, V, S, block_size, dtype, scale, **K_sel.pick_config(G, Kd, V, block_size),
+                          **o_dtype_arg(o, q))(
         q, k, v, o, dog, gate, lse, idx, cnt, seq.offsets, seq.tok_seq, dq, delta, dgate)
     blk_start, blk_end, pair_off, pair_tok = block_pairs(idx, cnt, block_size, seq)
     dk = empty(B, T, H, Kd, dtype=k.dtype, device=k.device)

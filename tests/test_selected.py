@@ -75,6 +75,16 @@ def test_selected_matches_reference(case, compiled_grid, poison_outputs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", [GRID[0], GRID[15]], ids=[grid_id(GRID[0]), grid_id(GRID[15])])
+def test_selected_fp32_o_matches_reference(case, compiled_grid, poison_outputs, monkeypatch):
+    """The benchmark's family (fixed-length and varlen) with the forward storing O in fp32 for the
+    backward (kernels/banded.py O_FP32; the banded family has the same Delta from O)."""
+    import nsa_module.common
+    monkeypatch.setattr(nsa_module.common, "O_FP32", True)
+    test_selected_matches_reference(case, compiled_grid, poison_outputs)
+
+
+@pytest.mark.gpu
 def test_selected_block_counts_equal_truncated_indices(poison_outputs):
     """block_counts < S must mean the same in forward and backward: the first c slots alone."""
     q, k, v, g, idx, _, _ = selected_case(16, 2, 128, 128, 64, 16, torch.bfloat16, None, False, 600, seed=3)
@@ -182,6 +192,15 @@ def test_compile_selected(fam, sm90_target):
         assert "__global__" in src
     # offsets into q/o are formed in 64 bits (B·T·HQ·K may pass 2^31)
     assert "(int64_t)" in fwd.get_kernel_source()
+
+
+@pytest.mark.compile
+def test_compile_selected_fp32_o(sm90_target):
+    """The forward and dQ kernels with O stored in fp32 (O_FP32) build."""
+    fwd, dq, _ = K_sel.selected_kernels(2, 16, 128, 128, 16, 64, "bfloat16", 128 ** -0.5, o_dtype="float32")
+    for kern in (fwd, dq):
+        src = kern.get_kernel_source()
+        assert "__global__" in src and "float* __restrict__ O" in src
 
 
 # ------------------------------------------------------------------------------------------------

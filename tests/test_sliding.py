@@ -89,6 +89,27 @@ def test_sliding_overlapped_forward_matches_reference(case, monkeypatch, poison_
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", [GRID[1]], ids=[grid_id(GRID[1])])
+def test_sliding_fp32_o_matches_reference(case, compiled_grid, poison_outputs, monkeypatch):
+    """The case whose dQ missed the per-row rule on one row (docs/perf-notes.md), with the forward
+    storing O in fp32 for the backward (kernels/banded.py O_FP32): Delta then matches P, so the
+    rows where one key dominates keep their small dQ."""
+    import nsa_module.common
+    monkeypatch.setattr(nsa_module.common, "O_FP32", True)
+    test_sliding_matches_reference(case, compiled_grid, poison_outputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [GRID[1], GRID[2], GRID[7]], ids=[grid_id(c) for c in (GRID[1], GRID[2], GRID[7])])
+def test_sliding_delta_pass_matches_reference(case, compiled_grid, poison_outputs, monkeypatch):
+    """The same with Delta from a first pass over the key tiles (kernels/banded.py DELTA_PASS),
+    exactly consistent with the dQ kernel's P; with W = 1 (one key: dS = 0) and W >= T too."""
+    import nsa_module.common
+    monkeypatch.setattr(nsa_module.common, "DELTA_PASS", True)
+    test_sliding_matches_reference(case, compiled_grid, poison_outputs)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", [(16, 2, 192, 128, 64, 16, 512, torch.bfloat16, True, 900),
                                   (4, 2, 64, 64, 32, 4, 7, torch.float16, False, 333)],
                          ids=["paper-dims-W512-varlen", "G4-W7"])
@@ -143,6 +164,26 @@ def test_overlap_needs_one_warpgroup():
     assert "overlap" not in K_band.pick_dq_config(16, 128, 128)
     with pytest.raises(ValueError, match="one warpgroup"):
         K_band.pick_config(128, 128, 128, overlap=True)
+
+
+@pytest.mark.compile
+def test_compile_sliding_fp32_o(sm90_target):
+    """The forward and dQ kernels with O stored in fp32 (O_FP32) build; the default ones take no
+    o_dtype and are unchanged."""
+    H, G, K, V, W, dtype = FAMILIES[0]
+    fwd, dq, _ = K_band.sliding_kernels(H, G, K, V, W, dtype, K ** -0.5, o_dtype="float32")
+    for kern in (fwd, dq):
+        src = kern.get_kernel_source()
+        assert "__global__" in src and "float* __restrict__ O" in src
+
+
+@pytest.mark.compile
+def test_compile_sliding_delta_pass(sm90_target):
+    """The dQ kernel with Delta from a first pass (DELTA_PASS) builds."""
+    H, G, K, V, W, dtype = FAMILIES[0]
+    cfg = K_band.pick_config(G, K, V)
+    kern = K_band.banded_bwd_dq(H, G, K, V, W, 1, 0, dtype, K ** -0.5, **cfg, delta_pass=True)
+    assert "__global__" in kern.get_kernel_source()
 
 
 def _cpu(**over):
