@@ -181,7 +181,7 @@ def test_compile_sliding_fp32_o(sm90_target):
 def test_compile_sliding_delta_pass(sm90_target):
     """The dQ kernel with Delta from a first pass (DELTA_PASS) builds."""
     H, G, K, V, W, dtype = FAMILIES[0]
-    cfg = K_band.pick_config(G, K, V)
+    cfg = K_band.pick_dq_config(G, K, V)
     kern = K_band.banded_bwd_dq(H, G, K, V, W, 1, 0, dtype, K ** -0.5, **cfg, delta_pass=True)
     assert "__global__" in kern.get_kernel_source()
 
