@@ -22,7 +22,6 @@ from reference.checks import check_compression, check_cu_seqlens, check_positive
 from . import distributed as cp
 from . import ops as nsa_ops
 from .cache import NSACache
-from .common import host_cu_seqlens
 from .nsa import nsa_branches
 from .decode import decode_reads
 
@@ -133,14 +132,15 @@ class NativeSparseAttention(nn.Module):
     def _use_kernels(self, x: torch.Tensor) -> bool:
         return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
-    def _attend(self, q, kv, gates, cu_seqlens):
-        """All three branches over whole sequences: `[B, T, HQ, V]`."""
+    def _attend(self, q, kv, gates, cu_seqlens, offsets):
+        """All three branches over whole sequences: `[B, T, HQ, V]` (offsets: cu_seqlens as read on
+        the host by forward(), or None)."""
         g_cmp, g_slc, g_swa = gates
         k_c, v_c = kv["cmp"]
         k_cmp, v_cmp = R.compress_kv(k_c, v_c, self.l, self.d, self._phi(), cu_seqlens)
         swa = kv["swa"] if self.W > 0 else (None, None)
         if self._use_kernels(q):  # the ops nsa() composes (nsa_module/ops.py): torch.compile sees no break
-            cu = host_cu_seqlens(cu_seqlens, *q.shape[:2], q)
+            cu = None if offsets is None else torch.tensor(offsets, dtype=torch.int64)  # no second device read
             return nsa_branches(q, (k_cmp, v_cmp), kv["slc"], swa, g_cmp, g_slc, g_swa, None, self.n, self.l,
                                 self.d, self.l_sel, self.W, self.scale, cu)[0]
         return R.naive_nsa_branches(q, (k_cmp, v_cmp), kv["slc"], swa if self.W > 0 else None, g_cmp, g_slc, g_swa,
@@ -180,7 +180,7 @@ class NativeSparseAttention(nn.Module):
         offsets = check_cu_seqlens(cu_seqlens, B, T, x)
         positions = RN.token_positions(offsets, T, x.device)
         q, kv, gates = self._project(x, positions)
-        o = self._attend(q, kv, gates, cu_seqlens)
+        o = self._attend(q, kv, gates, cu_seqlens, offsets)
         y = self.o_proj(rearrange(o, "b t h v -> b t (h v)"))
         return y, (self._prefill_cache(kv, offsets, B, T) if use_cache else None)
 

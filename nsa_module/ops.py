@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 import reference as R
+from kernels.common import LOG2E
 from reference import num_compressed
 
 from .banded import banded_bwd as launch_banded_bwd
@@ -39,9 +40,6 @@ from .decode import nsa_decode
 from .selected import selected_bwd as launch_selected_bwd
 from .selected import selected_fwd as launch_selected_fwd
 from .topk import select_blocks as launch_select_blocks
-
-LOG2E = 1.4426950408889634
-
 
 def layouts(q: Tensor, cu_seqlens: Optional[Tensor], KS: int = 1, KC: int = 0) -> tuple[SeqInfo, SeqInfo]:
     """(qseq, kseq): the tokens' layout and the key stream's, which is the tokens themselves for
@@ -60,8 +58,8 @@ def _counts(block_counts: Optional[Tensor], block_indices: Tensor, q: Tensor, H:
 
 # -- compression ------------------------------------------------------------------------------
 
-def _offsets(x: Tensor, cu_seqlens: Optional[Tensor]) -> tuple:
-    return (0, x.shape[1]) if cu_seqlens is None else tuple(cu_seqlens.tolist())
+def _offsets(T: int, cu_seqlens: Optional[Tensor]) -> tuple:
+    return (0, T) if cu_seqlens is None else tuple(cu_seqlens.tolist())
 
 
 @lru_cache(maxsize=16)
@@ -85,7 +83,7 @@ def _chunk_layout(offsets: tuple, l: int, d: int, device: str):
 def compress_mean(x: Tensor, cu_seqlens: Optional[Tensor], l: int, d: int) -> Tensor:
     """The mean of each compressed block's l tokens: x `[B, T, H, D]` -> `[B, Nc, H, D]` packed as
     `reference.compress_kv` packs it, summed in float32 (chunk sums of d tokens, then l/d chunks)."""
-    first, base, _ = _chunk_layout(_offsets(x, cu_seqlens), l, d, str(x.device))
+    first, base, _ = _chunk_layout(_offsets(x.shape[1], cu_seqlens), l, d, str(x.device))
     chunks = x[:, first[:, None] + torch.arange(d, device=x.device)].float().sum(2)  # [B, NCH, H, D]
     out = chunks[:, base]
     for r in range(1, l // d):
@@ -104,8 +102,7 @@ def _(x, cu_seqlens, l, d):
 def compress_mean_backward(dy: Tensor, cu_seqlens: Optional[Tensor], T: int, l: int, d: int) -> Tensor:
     """dx `[B, T, H, D]` of compress_mean: each token gets dy/l of every block holding it. The l/d
     blocks sharing a chunk are added one shift at a time (distinct targets each time: deterministic)."""
-    offs = (0, T) if cu_seqlens is None else tuple(cu_seqlens.tolist())
-    first, base, tok_chunk = _chunk_layout(offs, l, d, str(dy.device))
+    first, base, tok_chunk = _chunk_layout(_offsets(T, cu_seqlens), l, d, str(dy.device))
     B = dy.shape[0]
     dchunks = torch.zeros(B, first.numel() + 1, *dy.shape[2:], dtype=torch.float32, device=dy.device)
     g = dy.float() / l
