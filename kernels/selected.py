@@ -59,9 +59,10 @@ def pick_config(G: int, K: int, V: int, BS: int) -> dict:
 
     BN: keys per step. A whole block when it is small; 64 keys otherwise (an MMA-friendly width
         whose K and V tiles at K = V = 256 still fit shared memory with the next tile in flight).
-    threads: the warps split the BN key columns (the Q tile has only GP = 16 rows for G <= 16, so
-        they cannot split rows), at least 8 columns each: 4 warps, 2 for BN = 16; 8 warps once
-        GP >= 64 rows or the head dims reach 256.
+    threads: the warps split the columns of every MMA (the Q tile has only GP = 16 rows for G <= 16,
+        so they cannot split rows): BN for Q·Kᵀ and dO·Vᵀ, V for P·V, K for dS·K. Each warp must own
+        a multiple of 8 columns of each: 4 warps, 8 once GP >= 64 rows or the head dims reach 256,
+        halved until BN, K and V all split so (2 warps for BN = 16 and for head dims 16, 48, 80, ...).
     num_stages: 1: the next tile's K and V loads (cp.async) fly while this tile computes. The loop
         runs over a data-dependent tile count, and TileLang 0.1.15 emits a non-constant
         cp.async wait for deeper pipelines over a dynamic extent, which does not compile.
@@ -69,7 +70,9 @@ def pick_config(G: int, K: int, V: int, BS: int) -> dict:
     GP = pad16(G)
     BN = min(BS, 64)
     warps = 8 if (GP >= 64 or max(K, V) >= 256) else 4
-    threads = 32 * min(warps, BN // 8)
+    while any(n % (8 * warps) for n in (BN, K, V)):
+        warps //= 2
+    threads = 32 * warps
     return dict(BN=BN, threads=threads, num_stages=1)
 
 

@@ -42,6 +42,7 @@ GRID = [
     (3, 2, 64, 64, 64, 4, torch.bfloat16, "tensor", True, 411),
     (64, 1, 128, 128, 64, 4, torch.bfloat16, None, True, 400),
     (2, 2, 192, 128, 32, 16, torch.bfloat16, "int", True, 433),
+    (4, 1, 16, 16, 32, 4, torch.bfloat16, "tensor", True, 300),  # the smallest head dim (examples/05)
 ]
 
 
@@ -179,7 +180,8 @@ def test_selected_long_sequence_64bit_offsets():
 # compile: every family builds for sm_90a here, without a GPU
 # ------------------------------------------------------------------------------------------------
 
-FAMILIES = [(2, 16, 128, 128, 16, 64, "bfloat16"), (4, 1, 64, 64, 4, 16, "float16"), (1, 3, 192, 128, 8, 128, "bfloat16")]
+FAMILIES = [(2, 16, 128, 128, 16, 64, "bfloat16"), (4, 1, 64, 64, 4, 16, "float16"), (1, 3, 192, 128, 8, 128, "bfloat16"),
+            (1, 4, 16, 16, 4, 32, "bfloat16")]
 
 
 @pytest.mark.compile

@@ -5,7 +5,7 @@ TileLang build, not on the machine: kernels compiled here with the sm_90a target
 TileLang wheel are cache hits on an H100 that runs with the same TILELANG_DEFAULT_TARGET and
 TILELANG_CACHE_DIR. That moves minutes of nvcc time off the GPU.
 
-    TILELANG_CACHE_DIR=.tlcache python tools/precompile.py tests bench   # also: memcheck, profile_topn, profile_banded
+    TILELANG_CACHE_DIR=.tlcache python tools/precompile.py tests bench   # also: examples, memcheck, profile_topn, profile_banded
     # on the GPU machine: TILELANG_CACHE_DIR=.tlcache TILELANG_DEFAULT_TARGET='{"kind": "cuda", "arch": "sm_90a"}' pytest -m gpu
 
 Families are named like the launchers name them: nsa(...) compiles the compressed (banded, strided
@@ -75,6 +75,12 @@ def build(fam):
     elif name == "decode":
         from nsa_module.decode import _kernels
         _kernels(*args)
+    elif name == "o_fp32":  # the forward and dQ kernels that store and read O in fp32 (O_FP32)
+        (K_sel.selected_kernels if args[0] == "selected" else K_band.sliding_kernels)(*args[1:], o_dtype="float32")
+    elif name == "delta_pass":  # the sliding dQ kernel with Delta from a first pass (DELTA_PASS)
+        H, G, K, V, W, dtype, scale = args
+        K_band.banded_bwd_dq(H, G, K, V, min(W, K_band.W_CAP), 1, 0, dtype, scale, **K_band.pick_dq_config(G, K, V),
+                             delta_pass=True)
     elif name == "overlap":  # the overlapped forward alone (its dQ and dK/dV are the defaults)
         H, G, K, V = args[:4]
         K_band.banded_fwd(*args, **K_band.pick_config(G, K, V, overlap=True))
@@ -116,6 +122,12 @@ def test_families():
         fams.append(("overlap", (H, G, K, V, K_band.W_CAP, d, l - 1, dt(dtype), K ** -0.5)))
     for G, H, K, V, W, dtype, _, _ in test_sliding.OVERLAP:
         fams.append(("overlap", (H, G, K, V, min(W, K_band.W_CAP), 1, 0, dt(dtype), K ** -0.5)))
+    for G, H, K, V, W, dtype, _, _ in (test_sliding.GRID[1],):  # test_sliding_fp32_o_matches_reference
+        fams.append(("o_fp32", ("sliding", H, G, K, V, W, dt(dtype), K ** -0.5)))
+    for G, H, K, V, BS, S, dtype, *_ in (test_selected.GRID[0], test_selected.GRID[15]):  # its selected twin
+        fams.append(("o_fp32", ("selected", H, G, K, V, S, BS, dt(dtype), K ** -0.5)))
+    for G, H, K, V, W, dtype, _, _ in (test_sliding.GRID[1], test_sliding.GRID[2], test_sliding.GRID[7]):
+        fams.append(("delta_pass", (H, G, K, V, W, dt(dtype), K ** -0.5)))  # test_sliding_delta_pass_matches_reference
     fams += compressed(2, 4, 64, 64, 32, 16, "bfloat16")
     fams += sliding(4, 16, 256, 256, 512, "bfloat16") + compressed(4, 16, 256, 256, 32, 16, "bfloat16")  # T > 128k
     for G, H, K, V, l, d, ls, n, W, dtype, _, _ in test_nsa.CASES:
@@ -140,6 +152,14 @@ def memcheck_families():
         for W_, KS, KC in ((W, 1, 0), (K_band.W_CAP, 16, 31)):  # --overlap's forwards
             fams.append(("overlap", (H, G, K, V, W_, KS, KC, "bfloat16", K ** -0.5)))
     return fams + nsa(2, 16, 128, 128, 32, 16, 32, 4, 1, "bfloat16")
+
+
+def examples_families():
+    """What examples/*.py --device cuda compile (bf16; one kv head of G = 4 query heads)."""
+    return (nsa(1, 4, 32, 32, 16, 8, 32, 6, 0, "bfloat16")  # 02: nsa()'s top-n against the reference's
+            + nsa(1, 4, 16, 16, 8, 4, 16, 4, 16, "bfloat16")  # 03 and 04: the toy models' layers
+            + nsa(1, 4, 16, 16, 16, 8, 32, 4, 64, "bfloat16")  # 05: prefill, then the decode kernels
+            + decode(1, 4, 16, 16, 16, 8, 32, 4, 64, [256, 512], "bfloat16"))
 
 
 def bench_families():
@@ -180,6 +200,8 @@ def main(which):
         fams += memcheck_families()
     if "bench" in which:
         fams += bench_families()
+    if "examples" in which:
+        fams += examples_families()
     if "profile_topn" in which:
         fams += profile_topn_families()
     if "profile_banded" in which:
